@@ -1,0 +1,52 @@
+"""``data.source: mock``: seeded, learnable token batches, identical for every parallel layout.
+
+Global sample ``g`` is an arithmetic sequence ``(start + stride * t) % vocab`` with start and
+stride drawn from a generator seeded by (seed, split, g): a model can learn it, so the loss falls.
+Data-parallel rank r of D takes the r-th contiguous slice of every global batch, so the union over
+ranks (and the loss) is the same whatever D is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_SPLIT_OFFSET = {"train": 0, "valid": 1 << 40}
+
+
+class MockBatches:
+    def __init__(self, *, split: str, seq_length: int, micro_batch_size: int,
+                 global_batch_size: int, dp_rank: int, dp_size: int, seed: int, vocab_size: int):
+        self.seq_length, self.mbs, self.gbs = seq_length, micro_batch_size, global_batch_size
+        self.dp_rank, self.dp_size, self.seed, self.vocab = dp_rank, dp_size, seed, vocab_size
+        self.offset = _SPLIT_OFFSET[split]
+        self.per_rank = global_batch_size // dp_size
+        self.consumed = 0  # samples this rank has produced
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state["consumed"])
+
+    def _global_indices(self) -> range:
+        step, within = divmod(self.consumed, self.per_rank)
+        first = step * self.gbs + self.dp_rank * self.per_rank + within
+        return range(first, first + self.mbs)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        params = torch.empty(self.mbs, 2, dtype=torch.int64)
+        gen = torch.Generator()
+        for row, g in enumerate(self._global_indices()):
+            gen.manual_seed(self.seed * 1_000_003 + self.offset + g)
+            params[row] = torch.randint(0, self.vocab, (2,), generator=gen)
+        self.consumed += self.mbs
+        start, stride = params[:, :1], params[:, 1:] % 7 + 1
+        t = torch.arange(self.seq_length + 1, dtype=torch.int64)
+        seq = (start + stride * t) % self.vocab
+        tokens, labels = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+        return {"tokens": tokens, "labels": labels,
+                "loss_mask": torch.ones(tokens.shape, dtype=torch.float32),
+                "position_ids": t[:-1].expand(self.mbs, -1).contiguous()}

@@ -1,0 +1,278 @@
+"""``gptforge data prepare``: text → tokenized WebDataset shards plus ``index.json``.
+
+Documents are read in a stable order (see ``text_inputs``), tokenized in worker processes in
+ordered chunks, assigned to ``train``/``valid`` by a stable hash of their text and appended to
+``<out>/<split>-%06d.tar`` until a shard reaches ``shard_size_mb``. Shard boundaries depend only
+on the document order, so the worker count never changes the output. After each finished shard
+``<out>/.prepare-state.json`` records it with the input position it ends at; a rerun after a
+crash keeps those shards and restarts from the earliest unfinished position (documents already
+in a finished shard of their split are skipped). ``index.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from gptforge.data import tokenizer
+from gptforge.data.shards import ShardWriter, dtype_for_vocab, ext_for_dtype
+from gptforge.data.text_inputs import InputError, expand_inputs, is_jsonl, iter_records, record_text
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid")
+STATE_FILE = ".prepare-state.json"
+INDEX_FILE = "index.json"
+FORMAT = "gptforge-tokens-v1"
+CRASH_ENV = "GPTFORGE_PREPARE_CRASH_AFTER_DOCS"  # test hook: exit abruptly after N written docs
+
+
+class PrepareError(ValueError):
+    """A problem preparing shards; the message starts with the file or directory."""
+
+
+@dataclass
+class PrepareSettings:
+    inputs: list[str]
+    tokenizer: str
+    out: str
+    text_key: str = "text"
+    txt_unit: str = "paragraph"
+    valid_fraction: float = 0.0
+    shard_size_mb: float = 256.0
+    workers: int = 1
+    docs_per_chunk: int = 256
+    command: list[str] = field(default_factory=list)
+
+
+def valid_hash_fraction(text_bytes: bytes) -> float:
+    """A stable number in [0, 1) from a document's text: the train/valid split key."""
+    return int.from_bytes(hashlib.blake2b(text_bytes, digest_size=8).digest(), "little") / 2**64
+
+
+# ------------------------------------------------------------------ worker side
+
+_WORKER: dict = {}
+
+
+def _init_worker(model_path: str, text_key: str, valid_fraction: float, dtype_str: str) -> None:
+    _WORKER.update(proc=tokenizer.load(model_path), text_key=text_key,
+                   valid_fraction=valid_fraction, dtype=np.dtype(dtype_str))
+
+
+def encode_chunk(chunk: tuple[str, bool, list[tuple[int, int, str]]]) -> list[tuple]:
+    """Tokenize ``(file, jsonl, [(ordinal, line, raw)])``; return
+    ``[(ordinal, split index, token bytes, token count)]`` and the chunk's text byte count."""
+    path, jsonl, records = chunk
+    texts, ordinals = [], []
+    text_bytes = 0
+    for ordinal, line_no, raw in records:
+        text = record_text(raw, jsonl, _WORKER["text_key"], f"{path}:{line_no}")
+        if text:
+            texts.append(text)
+            ordinals.append(ordinal)
+    ids = _WORKER["proc"].encode(texts, out_type=int) if texts else []
+    out = []
+    for ordinal, text, doc_ids in zip(ordinals, texts, ids):
+        raw_bytes = text.encode("utf-8")
+        text_bytes += len(raw_bytes)
+        split = int(valid_hash_fraction(raw_bytes) < _WORKER["valid_fraction"])
+        out.append((ordinal, split, np.asarray(doc_ids, dtype=_WORKER["dtype"]).tobytes(),
+                    len(doc_ids)))
+    return out, text_bytes
+
+
+# ------------------------------------------------------------------ reading side
+
+
+def iter_chunks(files: list[Path], txt_unit: str, docs_per_chunk: int,
+                skip_before: int) -> Iterator[tuple[str, bool, list[tuple[int, int, str]]]]:
+    """Ordered chunks of raw records with their global ordinal; records before
+    ``skip_before`` (already in finished shards) are counted but not sent."""
+    ordinal = 0
+    for path in files:
+        jsonl = is_jsonl(path)
+        records: list[tuple[int, int, str]] = []
+        for line_no, raw in iter_records(path, txt_unit):
+            if ordinal >= skip_before:
+                records.append((ordinal, line_no, raw))
+                if len(records) >= docs_per_chunk:
+                    yield str(path), jsonl, records
+                    records = []
+            ordinal += 1
+        if records:
+            yield str(path), jsonl, records
+
+
+def _map_chunks(settings: PrepareSettings, dtype: np.dtype, chunks: Iterator) -> Iterator:
+    args = (settings.tokenizer, settings.text_key, settings.valid_fraction, dtype.str)
+    if settings.workers <= 1:
+        _init_worker(*args)
+        yield from map(encode_chunk, chunks)
+        return
+    ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
+    with ctx.Pool(settings.workers, initializer=_init_worker, initargs=args) as pool:
+        yield from pool.imap(encode_chunk, chunks, chunksize=1)
+
+
+# ------------------------------------------------------------------ resume state
+
+
+def _fingerprint(settings: PrepareSettings, files: list[Path], tok: tokenizer.TokenizerInfo) -> dict:
+    """Everything that determines the output bytes (not the worker count or the command)."""
+    return {"format": FORMAT, "files": [[str(p), p.stat().st_size] for p in files],
+            "tokenizer_sha256": tok.sha256, "text_key": settings.text_key,
+            "txt_unit": settings.txt_unit, "valid_fraction": settings.valid_fraction,
+            "shard_size_mb": settings.shard_size_mb}
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(json.dumps(obj, indent=1) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _load_state(out: Path, fingerprint: dict) -> dict:
+    """Finished shards from an earlier, interrupted run with the same settings (else empty)."""
+    empty = {"fingerprint": fingerprint, "splits": {s: [] for s in SPLITS}}
+    path = out / STATE_FILE
+    if not path.is_file():
+        if any(out.glob("*-*.tar")):
+            raise PrepareError(f"{out}: holds shards but no {STATE_FILE} or matching "
+                               f"{INDEX_FILE}; use an empty --out directory")
+        return empty
+    state = json.loads(path.read_text())
+    if state.get("fingerprint") != fingerprint:
+        raise PrepareError(f"{path}: an unfinished run with different inputs or settings; "
+                           f"use a new --out directory or delete it")
+    for split in SPLITS:  # keep the prefix of shards that are intact on disk
+        kept = []
+        for shard in state["splits"][split]:
+            file = out / shard["file"]
+            if not file.is_file() or file.stat().st_size != shard["bytes"]:
+                break
+            kept.append(shard)
+        state["splits"][split] = kept
+    return state
+
+
+def _resume_ordinals(state: dict) -> dict[str, int]:
+    """Per split, the input ordinal from which its documents are not yet in a finished shard."""
+    return {s: (state["splits"][s][-1]["end_ordinal"] if state["splits"][s] else 0)
+            for s in SPLITS}
+
+
+# ------------------------------------------------------------------ writing side
+
+
+class _SplitWriter:
+    """Rolls one split's documents over ``<split>-%06d.tar`` shards of a target size."""
+
+    def __init__(self, out: Path, split: str, done: list[dict], target_bytes: int, ext: str):
+        self.out, self.split, self.done = out, split, done
+        self.target_bytes, self.ext = target_bytes, ext
+        self.next_key = sum(s["docs"] for s in done)
+        self.writer: ShardWriter | None = None
+
+    def add(self, ordinal: int, token_bytes: bytes, num_tokens: int) -> bool:
+        """Append a document; return True when this closed a shard."""
+        if self.writer is None:
+            name = f"{self.split}-{len(self.done):06d}.tar"
+            self.writer = ShardWriter(self.out / name)
+        self.writer.add(f"{self.next_key:010d}", token_bytes, self.ext, num_tokens)
+        self.next_key += 1
+        if self.writer.size_bytes() >= self.target_bytes:
+            self.close(ordinal + 1)
+            return True
+        return False
+
+    def close(self, end_ordinal: int) -> None:
+        if self.writer is None:
+            return
+        size = self.writer.close()
+        self.done.append({"file": self.writer.final_path.name, "docs": self.writer.num_docs,
+                          "tokens": self.writer.num_tokens, "bytes": size,
+                          "end_ordinal": end_ordinal})
+        self.writer = None
+
+
+def _progress(total_bytes: int, enabled: bool) -> tqdm:
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1 << 20,
+                desc="prepare", disable=not enabled, smoothing=0.1)
+
+
+def prepare(settings: PrepareSettings, *, progress: bool = True) -> dict:
+    """Write the shards and ``index.json`` (resuming an interrupted run); return the index."""
+    files = expand_inputs(settings.inputs)
+    tok = tokenizer.info(settings.tokenizer)
+    dtype = dtype_for_vocab(tok.vocab_size)
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(settings, files, tok)
+    index_path = out / INDEX_FILE
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        if index.get("fingerprint") == fingerprint:
+            log.info("%s: already complete", index_path)
+            return index
+        raise PrepareError(f"{index_path}: written from different inputs or settings; "
+                           f"use a new --out directory")
+    for stale in out.glob("*.tmp"):
+        stale.unlink()
+    state = _load_state(out, fingerprint)
+    resume = _resume_ordinals(state)
+    target = int(settings.shard_size_mb * (1 << 20))
+    writers = [_SplitWriter(out, s, state["splits"][s], target, ext_for_dtype(dtype)) for s in SPLITS]
+    crash_after = int(os.environ.get(CRASH_ENV, "0"))
+    chunks = iter_chunks(files, settings.txt_unit, settings.docs_per_chunk, min(resume.values()))
+    bar = _progress(sum(p.stat().st_size for p in files), progress)
+    docs_written, last_ordinal, start = 0, -1, time.perf_counter()
+    for encoded, text_bytes in _map_chunks(settings, dtype, chunks):
+        for ordinal, split, token_bytes, num_tokens in encoded:
+            last_ordinal = ordinal
+            if ordinal < resume[SPLITS[split]]:
+                continue
+            if writers[split].add(ordinal, token_bytes, num_tokens):
+                _write_json_atomic(out / STATE_FILE, state)
+            docs_written += 1
+            if crash_after and docs_written >= crash_after:
+                os._exit(3)
+        bar.update(text_bytes)
+        bar.set_postfix(docs_per_s=f"{docs_written / (time.perf_counter() - start):.0f}")
+    bar.close()
+    for writer in writers:
+        writer.close(last_ordinal + 1)
+    return _finish(out, settings, state, tok, dtype, fingerprint)
+
+
+def _finish(out: Path, settings: PrepareSettings, state: dict, tok: tokenizer.TokenizerInfo,
+            dtype: np.dtype, fingerprint: dict) -> dict:
+    splits = {}
+    for split in SPLITS:
+        shards = [{k: s[k] for k in ("file", "docs", "tokens", "bytes")} for s in state["splits"][split]]
+        splits[split] = {"docs": sum(s["docs"] for s in shards),
+                         "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    if splits["train"]["docs"] + splits["valid"]["docs"] == 0:
+        raise PrepareError(f"{', '.join(settings.inputs)}: the inputs hold no documents")
+    if settings.valid_fraction > 0 and splits["valid"]["docs"] == 0:
+        log.warning("%s: no document fell into the valid split (valid_fraction=%s)", out,
+                    settings.valid_fraction)
+    index = {"format": FORMAT, "vocab_size": tok.vocab_size, "dtype": dtype.name,
+             "eod_id": tok.eos_id, "tokenizer": asdict(tok),
+             "command": settings.command, "fingerprint": fingerprint, "splits": splits}
+    _write_json_atomic(out / INDEX_FILE, index)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    return index

@@ -1,0 +1,146 @@
+"""WebDataset tar shards of token ids: a deterministic writer and a checked reader.
+
+A sample is one tar member ``<key>.u16`` or ``<key>.u32``: the document's token ids as raw
+little-endian bytes. The writer fixes every tar header field (mtime 0, uid/gid 0, no names) so
+equal input gives byte-identical shards, and writes to a temporary name, fsyncs and renames, so a
+crash never leaves a half-written shard under its final name.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from webdataset.tariterators import tar_file_iterator
+
+log = logging.getLogger(__name__)
+
+EXT_DTYPES = {"u16": np.dtype("<u2"), "u32": np.dtype("<u4")}
+
+
+class ShardError(ValueError):
+    """A shard that cannot be read or holds something other than token data; names the shard."""
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    return EXT_DTYPES["u16"] if vocab_size < 65536 else EXT_DTYPES["u32"]
+
+
+def ext_for_dtype(dtype: np.dtype) -> str:
+    return {v.str: k for k, v in EXT_DTYPES.items()}[np.dtype(dtype).str]
+
+
+class ShardWriter:
+    """Writes one shard to ``<final>.tmp`` and renames it to ``final`` on ``close``."""
+
+    def __init__(self, final_path: Path):
+        self.final_path = Path(final_path)
+        self.tmp_path = self.final_path.with_name(self.final_path.name + ".tmp")
+        self._file = open(self.tmp_path, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.num_docs = 0
+        self.num_tokens = 0
+
+    def add(self, key: str, tokens_bytes: bytes, ext: str, num_tokens: int) -> None:
+        member = tarfile.TarInfo(f"{key}.{ext}")
+        member.size = len(tokens_bytes)
+        member.mtime = 0
+        member.mode = 0o644
+        member.uid = member.gid = 0
+        member.uname = member.gname = ""
+        self._tar.addfile(member, io.BytesIO(tokens_bytes))
+        self.num_docs += 1
+        self.num_tokens += num_tokens
+
+    def size_bytes(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> int:
+        """Finish, fsync and rename to the final name; return the shard size in bytes."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        size = self._file.tell()
+        self._file.close()
+        os.replace(self.tmp_path, self.final_path)
+        _fsync_dir(self.final_path.parent)
+        return size
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _decode_member(url: str, fname: str, data: bytes) -> np.ndarray:
+    _, _, ext = fname.rpartition(".")
+    dtype = EXT_DTYPES.get(ext)
+    if dtype is None:
+        raise ShardError(f"{url}: member {fname!r} is not token data (expected .u16 or .u32)")
+    if len(data) % dtype.itemsize:
+        raise ShardError(f"{url}: member {fname!r} has {len(data)} bytes, not a whole number "
+                         f"of {dtype.itemsize}-byte tokens")
+    return np.frombuffer(data, dtype=dtype)
+
+
+def read_shard(url: str, *, skip_corrupt: bool = False) -> list[np.ndarray]:
+    """Every document of a shard (path or ``pipe:`` command), in file order.
+
+    A missing, truncated or corrupt shard, or a member that is not token data, raises
+    ``ShardError`` naming ``url``; with ``skip_corrupt`` bad members are skipped and a broken
+    tar ends the shard early, each logged as a warning.
+    """
+    docs: list[np.ndarray] = []
+    try:
+        stream = wds.gopen(url, "rb")
+    except OSError as err:
+        return _fail(url, f"cannot open shard: {err}", skip_corrupt, docs)
+    try:
+        for sample in tar_file_iterator(stream):
+            try:
+                docs.append(_decode_member(url, sample["fname"], sample["data"]))
+            except ShardError as err:
+                if not skip_corrupt:
+                    raise
+                log.warning("skipping corrupt sample: %s", err)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        _close_quietly(stream)
+        return _fail(url, f"truncated or corrupt tar: {err}", skip_corrupt, docs)
+    except BaseException:
+        _close_quietly(stream)
+        raise
+    try:
+        stream.close()  # a pipe: command reports its exit status here
+    except OSError as err:
+        return _fail(url, f"shard command failed: {err}", skip_corrupt, docs)
+    return docs
+
+
+def _close_quietly(stream) -> None:
+    try:
+        stream.close()
+    except OSError:
+        pass
+
+
+def _fail(url: str, message: str, skip_corrupt: bool, docs: list[np.ndarray]) -> list[np.ndarray]:
+    if not skip_corrupt:
+        raise ShardError(f"{url}: {message}")
+    log.warning("skipping rest of corrupt shard %s (%d documents kept): %s", url, len(docs), message)
+    return docs
+
+
+def iter_shard_members(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(member name, bytes) of a local shard, for tests and tools."""
+    with tarfile.open(path) as tar:
+        for member in tar:
+            yield member.name, tar.extractfile(member).read()

@@ -1,0 +1,49 @@
+"""The one place that decides which megatron ModuleSpec (and so which kernels) a model uses.
+
+- ``te``: Transformer Engine layers, when TE imports and a GPU is present.
+- ``sdpa``: megatron's local (pure PyTorch) layers with our SDPA core attention.
+- ``local``: megatron's local layers as they are (unfused attention).
+``auto`` picks te where possible, else sdpa.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from gptforge.launcher.config import ModelConfig
+
+
+def te_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_backend(model: ModelConfig) -> str:
+    if model.attention_backend == "te" and not te_available():
+        raise ValueError("model.attention_backend: 'te' needs Transformer Engine and a GPU")
+    if model.attention_backend != "auto":
+        return model.attention_backend
+    return "te" if te_available() else "sdpa"
+
+
+def layer_spec(model: ModelConfig):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    backend = resolve_backend(model)
+    if backend == "te":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
+    if backend == "sdpa":
+        from gptforge.model.attention import SDPAttention
+
+        attn = spec.submodules.self_attention
+        attn_sub = dataclasses.replace(attn.submodules, core_attention=SDPAttention)
+        spec.submodules.self_attention = dataclasses.replace(attn, submodules=attn_sub)
+    return spec

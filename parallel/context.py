@@ -1,0 +1,117 @@
+"""Process groups: torch.distributed + megatron ``parallel_state`` → an explicit ParallelContext.
+
+This module and the rest of ``gptforge.parallel`` are the only readers of megatron's global
+parallel state; everything else is handed a ``ParallelContext``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from gptforge.parallel import cpu_compat
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    vpp_size: int | None
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The one rank that logs: last pipeline stage (it holds the loss), TP rank 0, DP rank 0."""
+        return self.pp_rank == self.pp_size - 1 and self.tp_rank == 0 and self.dp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+
+def env_rank_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun, Slurm (srun) or deepspeed environment."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def world_size_from_env() -> int:
+    return env_rank_info()[1]
+
+
+def _choose_backend(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: str = "auto", timeout_minutes: int = 10) -> tuple[int, int, int, str]:
+    """Initialise the default process group (a one-rank group when run alone)."""
+    rank, world_size, local_rank = env_rank_info()
+    backend = _choose_backend(backend)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if world_size > 1:
+                raise RuntimeError("MASTER_PORT is not set for a multi-rank run (rank %d)" % rank)
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return rank, world_size, local_rank, backend
+
+
+def init_parallel(cfg_parallel, backend: str | None = None) -> ParallelContext:
+    """torch.distributed + megatron model-parallel groups for the ``parallel`` config section."""
+    cpu_compat.apply()
+    rank, world_size, local_rank, backend = init_distributed(backend or cfg_parallel.backend)
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    vpp = cfg_parallel.virtual_pipeline_model_parallel_size
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=cfg_parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg_parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+    )
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return ParallelContext(
+        rank=rank, world_size=world_size, local_rank=local_rank,
+        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        vpp_size=vpp if vpp and vpp > 1 else None,
+        dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+        device=device, backend=backend,
+    )
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

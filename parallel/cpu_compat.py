@@ -1,0 +1,166 @@
+"""Run megatron-core on a CPU-only torch. Applied by ``apply()`` only when CUDA is absent.
+
+megatron-core 0.16 hard-codes CUDA in four ways (see shared/FINDINGS.md); each is answered here
+and nowhere else:
+
+1. ``torch.cuda.current_device()`` as an allocation device → returns the CPU device;
+   ``torch.cuda.synchronize`` → no-op; ``Tensor.cuda()`` → the tensor itself.
+2. The CUDA RNG tracker → a tracker over CPU generator states (``CpuRNGStatesTracker``), installed
+   under megatron's class name so that ``initialize_rng_tracker`` builds it.
+3. Literal ``device="cuda"`` in a few modules (schedules, optimizer, grad scaler, clip_grads, grad
+   buffers) → those modules see a ``torch`` whose factory functions map "cuda" to "cpu". This is a
+   per-module name binding, so the model's forward/backward pays nothing for it.
+4. ``p.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers → ``optimizer_context()``, a
+   TorchFunctionMode that answers with CUDA type names; the engine enters it only around optimizer
+   construction and ``step`` (a handful of ops per step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import types
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_APPLIED = False
+_CPU = torch.device("cpu")
+
+# Modules that allocate with a literal device="cuda".
+_LITERAL_CUDA_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.transformer.utils",
+)
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like",
+              "empty_like", "full_like", "randn", "rand")
+
+
+def needed() -> bool:
+    return not torch.cuda.is_available()
+
+
+def _cpu_device(device):
+    if device is None:
+        return None
+    text = str(device) if not isinstance(device, int) else "cuda"
+    return _CPU if text.startswith("cuda") else device
+
+
+def _map_device(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _CpuTorch(types.ModuleType):
+    """``torch`` as seen by a megatron module that writes device="cuda"."""
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in _FACTORIES:
+            setattr(self, name, _map_device(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+class CpuRNGStatesTracker:
+    """megatron's CudaRNGStatesTracker interface over CPU generator states."""
+
+    def __init__(self, use_cudagraphable_rng=False, is_inference_rng_tracker=False):
+        self.reset()
+        self.use_cudagraphable_rng = False
+        self.is_inference_rng_tracker = is_inference_rng_tracker
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def reset(self):
+        self._is_initialized = False
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise RuntimeError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+class _CudaTypeNames(TorchFunctionMode):
+    """``t.type()`` answers 'torch.cuda.XTensor' for CPU tensors; device="cuda" → CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
+        if "device" in kwargs:
+            kwargs = {**kwargs, "device": _cpu_device(kwargs["device"])}
+        return func(*args, **kwargs)
+
+
+def optimizer_context():
+    """Enter around megatron optimizer construction and step (no-op where CUDA exists)."""
+    return _CudaTypeNames() if _APPLIED else contextlib.nullcontext()
+
+
+def _tensor_cuda(self, *args, **kwargs):
+    return self
+
+
+def apply() -> bool:
+    """Install the compatibility layer if CUDA is absent. Idempotent; returns whether applied."""
+    global _APPLIED
+    if _APPLIED or not needed():
+        return _APPLIED
+    torch.cuda.current_device = lambda: _CPU
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.Tensor.cuda = _tensor_cuda
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    mrandom.initialize_rng_tracker(force_reset=True)
+
+    cpu_torch = _CpuTorch()
+    for name in _LITERAL_CUDA_MODULES:
+        importlib.import_module(name).torch = cpu_torch
+    _APPLIED = True
+    return True
