@@ -81,18 +81,24 @@ def _indexed_counts(urls: list[str]) -> tuple[dict, list]:
     return found, expected
 
 
-def resolve(spec: str, split: str) -> ResolvedSource:
-    """The shards of one source; errors name the spec or index file."""
+def _check_exist(urls, spec: str, check_exists: bool) -> None:
+    for url in urls:
+        if check_exists and not url.startswith("pipe:") and not Path(url).is_file():
+            raise SourceError(f"{url}: shard not found (from {spec})")
+
+
+def resolve(spec: str, split: str, *, check_exists: bool = True) -> ResolvedSource:
+    """The shards of one source; errors name the spec, shard or index file."""
     if not spec:
         raise SourceError("data source path is empty")
     if not spec.startswith("pipe:") and Path(spec).is_dir():
-        return _from_directory(Path(spec), split)
+        resolved = _from_directory(Path(spec), split)
+        _check_exist(resolved.urls, spec, check_exists)
+        return resolved
     urls = _expand_pattern(spec)
     if not urls:
         raise SourceError(f"{spec}: matches no shards")
-    for url in urls:
-        if not url.startswith("pipe:") and not Path(url).is_file():
-            raise SourceError(f"{url}: shard not found (from {spec})")
+    _check_exist(urls, spec, check_exists)
     indexes, expected = _indexed_counts(urls)
     first = next(iter(indexes.items()), (None, {}))
     index = first[1]

@@ -48,7 +48,7 @@ def run(cfg: Config) -> list[dict]:
     """Train on this rank; returns the logged records (empty except on the logging rank)."""
     from gptforge.launcher.metrics import build_sink
     from gptforge.launcher.trainer import Throughput, train
-    from gptforge.parallel.context import destroy_parallel, init_parallel, world_size_from_env
+    from gptforge.parallel.context import destroy_model_parallel, init_parallel, world_size_from_env
     from gptforge.parallel.seeding import set_seed
 
     derived = validate(cfg, world_size_from_env())
@@ -73,9 +73,9 @@ def run(cfg: Config) -> list[dict]:
                         sink=sink,
                         make_valid_iter=lambda: iter(build_batches(cfg, derived, ctx, "valid")))
         sink.close()
-        return records
+        return records if ctx.is_logging_rank else []
     finally:
-        destroy_parallel()
+        destroy_model_parallel()
 
 
 def parse_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -107,8 +107,13 @@ def _join_values(rest: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gptforge.parallel.context import destroy_parallel
+
     files, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    run(load_config(files, overrides))
+    try:
+        run(load_config(files, overrides))
+    finally:
+        destroy_parallel()
     return 0
 
 

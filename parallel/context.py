@@ -108,10 +108,15 @@ def init_parallel(cfg_parallel, backend: str | None = None) -> ParallelContext:
     )
 
 
-def destroy_parallel() -> None:
+def destroy_model_parallel() -> None:
+    """Drop megatron's groups; the default process group stays for the next layout."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+
+
+def destroy_parallel() -> None:
+    destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,0 +1,52 @@
+"""Token datasets written straight from arrays (no tokenizer): for tests and benchmarks.
+
+The shards and index.json have the same format ``data prepare`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from gptforge.data.prepare import FORMAT, INDEX_FILE
+from gptforge.data.shards import ShardWriter, dtype_for_vocab, ext_for_dtype
+
+
+def write_token_dataset(out: str | Path, splits: dict[str, list[list[np.ndarray]]], *,
+                        vocab_size: int, eod_id: int, tokenizer_sha256: str = "") -> dict:
+    """``splits[name][k]`` is the list of documents of shard k; returns the index written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = dtype_for_vocab(vocab_size)
+    index_splits = {}
+    for split, shards in splits.items():
+        entries = []
+        for k, docs in enumerate(shards):
+            writer = ShardWriter(out / f"{split}-{k:06d}.tar")
+            for d, doc in enumerate(docs):
+                writer.add(f"{d:010d}", np.asarray(doc, dtype=dtype).tobytes(),
+                           ext_for_dtype(dtype), len(doc))
+            entries.append({"file": writer.final_path.name, "docs": writer.num_docs,
+                            "tokens": writer.num_tokens, "bytes": writer.close()})
+        index_splits[split] = {"docs": sum(e["docs"] for e in entries),
+                               "tokens": sum(e["tokens"] for e in entries), "shards": entries}
+    index = {"format": FORMAT, "vocab_size": vocab_size, "dtype": dtype.name, "eod_id": eod_id,
+             "tokenizer": {"sha256": tokenizer_sha256}, "command": ["synthetic"],
+             "splits": index_splits}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+    return index
+
+
+def unique_docs(num_shards: int, docs_per_shard: int, doc_length: int,
+                first_token: int = 1) -> list[list[np.ndarray]]:
+    """Shards of equal-length documents whose token ids are all distinct (and != 0)."""
+    shards, token = [], first_token
+    for _ in range(num_shards):
+        docs = []
+        for _ in range(docs_per_shard):
+            docs.append(np.arange(token, token + doc_length))
+            token += doc_length
+        shards.append(docs)
+    return shards

@@ -1,0 +1,55 @@
+"""Shared test helpers: the repo root, the tiny config, and real multi-process launches."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+WORKER = ROOT / "tests" / "distributed" / "layouts_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_layouts(nproc: int, out_dir: Path, layouts: dict[str, list[str]], common: list[str],
+                timeout: int = 600) -> dict[str, dict]:
+    """Run several layouts in one launch of ``nproc`` real processes (gloo); return each result."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = out_dir / "layouts.json"
+    spec.write_text(json.dumps({"layouts": layouts, "common": common}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", str(WORKER), str(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return {name: json.loads((out_dir / f"{name}.json").read_text()) for name in layouts}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in metrics(run_dir) if "loss" in r]
+
+
+def assert_close_losses(got: list[float], want: list[float], rel: float = 1e-5) -> None:
+    assert len(got) == len(want), (got, want)
+    for step, (g, w) in enumerate(zip(got, want), start=1):
+        assert abs(g - w) <= rel * abs(w), f"step {step}: {g} vs {w} (rel {abs(g - w) / abs(w):.2e})"
+
+
+@pytest.fixture
+def tiny_config() -> Path:
+    return TINY
