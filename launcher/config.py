@@ -189,6 +189,11 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(key, f"expected int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(key, f"expected float, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected float, got {value!r}")
         return float(value)

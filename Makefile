@@ -1,0 +1,29 @@
+# gptforge: `make demo` and `make test` work on a fresh machine (they install first).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export PYTHONWARNINGS := ignore::UserWarning
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	bash scripts/demo.sh
+
+bench: install
+	$(PY) bench/bench_train.py
+
+clean:
+	rm -rf runs build *.egg-info
