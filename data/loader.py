@@ -164,27 +164,22 @@ class Loader:
         return batch
 
     def _start(self):
+        """The batch generator; it refers only to ``self.stream_states`` (a list it updates in
+        place), never to ``self``, so dropping the loader stops DataLoader workers at once."""
         first = self.dp_rank * self.workers_per_rank
         if self.num_workers == 0:
-            return self._in_process(StreamBatcher(self.spec, first, self.num_streams,
-                                                  self.stream_states[0]))
+            batcher = StreamBatcher(self.spec, first, self.num_streams, self._plain_states()[0])
+            return _in_process(batcher, self.stream_states)
         rotation = self.batches % self.num_workers
-        dataset = WorkerDataset(self.spec, first, self.num_streams, self.stream_states, rotation)
+        dataset = WorkerDataset(self.spec, first, self.num_streams, self._plain_states(),
+                                rotation)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None,
                                              num_workers=self.num_workers, prefetch_factor=4)
-        return self._from_workers(iter(loader))
+        return _from_workers(iter(loader), self.stream_states)
 
-    def _in_process(self, batcher: StreamBatcher):
-        while True:
-            batch = batcher.next_batch()
-            self.stream_states[0] = batcher.state()
-            yield batch
-
-    def _from_workers(self, iterator):
-        for batch in iterator:
-            local, state = json.loads(batch.pop(STATE_KEY))
-            self.stream_states[local] = state
-            yield batch
+    def close(self) -> None:
+        """Stop DataLoader workers (they also stop when the loader is dropped)."""
+        self._iter = None
 
     # ---------------------------------------------------------------- state
 
@@ -193,7 +188,11 @@ class Loader:
         return {"version": STATE_VERSION, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
                 "num_workers": self.num_workers, "seed": self.spec.seed,
                 "num_shards": [len(s.urls) for s in self.spec.sources],
-                "batches": self.batches, "streams": json.loads(json.dumps(self.stream_states))}
+                "batches": self.batches,
+                "streams": json.loads(json.dumps(self._plain_states()))}
+
+    def _plain_states(self) -> list[dict]:
+        return [s.state() if isinstance(s, StreamBatcher) else s for s in self.stream_states]
 
     def load_state_dict(self, state: dict | list[dict]) -> None:
         """Restore from this rank's own state, or from every old rank's states (a list indexed
@@ -214,13 +213,13 @@ class Loader:
             self._load_global(merge_states([state]))
             return
         self._check_compatible(state)
-        self._close()
+        self.close()
         self.stream_states = json.loads(json.dumps(state["streams"]))
         self.batches = state["batches"]
 
     def _load_global(self, merged: dict) -> None:
         self._check_compatible(merged)
-        self._close()
+        self.close()
         first = self.dp_rank * self.workers_per_rank
         streams = merged["all_streams"]
         same_layout = (merged["dp_size"], merged["num_workers"]) == (self.dp_size, self.num_workers)
@@ -236,8 +235,19 @@ class Loader:
                 f"loader state was made with seed {merged['seed']} and shard counts "
                 f"{merged['num_shards']}; this loader has seed {self.spec.seed} and {num_shards}")
 
-    def _close(self) -> None:
-        self._iter = None  # drops the DataLoader iterator, which stops its workers
+
+
+def _in_process(batcher: StreamBatcher, stream_states: list):
+    stream_states[0] = batcher  # its live position is the consumed one: nothing prefetched
+    while True:
+        yield batcher.next_batch()
+
+
+def _from_workers(iterator, stream_states: list[dict]):
+    for batch in iterator:
+        local, state = json.loads(batch.pop(STATE_KEY))
+        stream_states[local] = state
+        yield batch
 
 
 def _source_configs(cfg, split: str) -> list:

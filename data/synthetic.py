@@ -50,3 +50,21 @@ def unique_docs(num_shards: int, docs_per_shard: int, doc_length: int,
             token += doc_length
         shards.append(docs)
     return shards
+
+
+STDLIB_SAMPLE = ("json/*.py", "email/*.py", "textwrap.py", "string.py", "this.py")
+
+
+def write_text_corpus(out: str | Path, patterns: tuple[str, ...] = STDLIB_SAMPLE) -> Path:
+    """A small on-machine text corpus: Python stdlib sources copied as ``.txt`` files."""
+    import glob
+    import sysconfig
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for pattern in patterns:
+        for src in sorted(glob.glob(f"{stdlib}/{pattern}")):
+            name = Path(src).relative_to(stdlib).as_posix().replace("/", "_")
+            (out / f"{name}.txt").write_text(Path(src).read_text(encoding="utf-8"))
+    return out

@@ -9,7 +9,6 @@ section (``cfg.model``, ``cfg.data``, ...).
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +17,11 @@ from typing import Any, Literal
 
 import yaml
 
+from gptforge.data.config import DataConfig, DataSourceConfig  # noqa: F401 (re-exported)
+from gptforge.model.config import (  # noqa: F401 (re-exported)
+    ModelConfig, default_ffn_hidden_size, padded_vocab_size)
+from gptforge.parallel.config import ParallelConfig  # noqa: F401 (re-exported)
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message starts with the offending key."""
@@ -25,41 +29,6 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(f"{key}: {message}")
-
-
-@dataclass
-class ModelConfig:
-    num_layers: int = 4
-    hidden_size: int = 128
-    num_attention_heads: int = 4
-    num_query_groups: int | None = None  # None: multi-head attention (== num_attention_heads)
-    ffn_hidden_size: int | None = None  # None: 4 * hidden_size (gelu) or 8/3 rounded (swiglu)
-    seq_length: int = 128
-    vocab_size: int = 512
-    make_vocab_size_divisible_by: int = 128
-    position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"
-    rotary_base: int = 10000
-    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
-    layernorm_epsilon: float = 1e-5
-    activation: Literal["gelu", "swiglu"] = "gelu"
-    tie_embeddings: bool = True
-    add_bias_linear: bool = True
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    init_method_std: float = 0.02
-    attention_backend: Literal["auto", "sdpa", "local", "te"] = "auto"
-
-
-@dataclass
-class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
-    recompute: Literal["none", "selective", "full"] = "none"
-    engine: Literal["megatron", "deepspeed"] = "megatron"
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
 
 
 @dataclass
@@ -90,25 +59,6 @@ class OptimConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # 0: no clipping
-
-
-@dataclass
-class DataSourceConfig:
-    path: str = ""  # shard spec: directory, glob, brace pattern or "pipe:" command
-    weight: float = 1.0
-
-
-@dataclass
-class DataConfig:
-    source: Literal["mock", "webdataset"] = "mock"
-    sources: list[DataSourceConfig] = field(default_factory=list)
-    valid_sources: list[DataSourceConfig] = field(default_factory=list)
-    tokenizer_model: str = ""  # sentencepiece .model file; shards record its hash
-    num_workers: int = 0
-    shuffle_buffer: int = 1000
-    reset_position_ids: bool = False
-    reset_attention_mask: bool = False
-    skip_corrupt: bool = False
 
 
 @dataclass
@@ -283,24 +233,6 @@ class Derived:
     num_query_groups: int
     ffn_hidden_size: int
     notes: tuple[str, ...] = ()
-
-
-def padded_vocab_size(model: ModelConfig, tensor_model_parallel_size: int) -> int:
-    """Pad to a multiple of ``make_vocab_size_divisible_by`` and of TP.
-
-    The multiple does not depend on TP while TP divides ``make_vocab_size_divisible_by``, so the
-    padded vocabulary (which enters the softmax) is the same for every layout.
-    """
-    multiple = math.lcm(model.make_vocab_size_divisible_by, tensor_model_parallel_size)
-    return -(-model.vocab_size // multiple) * multiple
-
-
-def default_ffn_hidden_size(model: ModelConfig) -> int:
-    if model.ffn_hidden_size is not None:
-        return model.ffn_hidden_size
-    if model.activation == "swiglu":
-        return -(-int(8 * model.hidden_size / 3) // 64) * 64
-    return 4 * model.hidden_size
 
 
 def validate(cfg: Config, world_size: int) -> Derived:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from gptforge.launcher.config import ModelConfig, default_ffn_hidden_size
+from gptforge.model.config import ModelConfig, default_ffn_hidden_size
 
 # Dense peak TFLOP/s (no sparsity), by device name fragment and precision.
 _GPU_PEAK_TFLOPS = {"H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},

@@ -1,4 +1,4 @@
-"""ModelConfig (+ the parallel/precision facts it needs) → megatron-core TransformerConfig.
+"""The ``model`` config section, and ModelConfig (+ parallel/precision facts) → TransformerConfig.
 
 The TransformerConfig is generated here, never written by hand. Layout-dependent fields come
 from the ``parallel`` section; everything about the network comes from the ``model`` section.
@@ -6,10 +6,56 @@ from the ``parallel`` section; everything about the network comes from the ``mod
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
-from gptforge.launcher.config import ModelConfig, ParallelConfig, default_ffn_hidden_size
+from gptforge.parallel.config import ParallelConfig
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # None: multi-head attention (== num_attention_heads)
+    ffn_hidden_size: int | None = None  # None: 4 * hidden_size (gelu) or 8/3 rounded (swiglu)
+    seq_length: int = 128
+    vocab_size: int = 512
+    make_vocab_size_divisible_by: int = 128
+    position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"
+    rotary_base: int = 10000
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    layernorm_epsilon: float = 1e-5
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    tie_embeddings: bool = True
+    add_bias_linear: bool = True
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    attention_backend: Literal["auto", "sdpa", "local", "te"] = "auto"
+
+
+def padded_vocab_size(model: ModelConfig, tensor_model_parallel_size: int) -> int:
+    """Pad to a multiple of ``make_vocab_size_divisible_by`` and of TP.
+
+    The multiple does not depend on TP while TP divides ``make_vocab_size_divisible_by``, so the
+    padded vocabulary (which enters the softmax) is the same for every layout.
+    """
+    multiple = math.lcm(model.make_vocab_size_divisible_by, tensor_model_parallel_size)
+    return -(-model.vocab_size // multiple) * multiple
+
+
+def default_ffn_hidden_size(model: ModelConfig) -> int:
+    if model.ffn_hidden_size is not None:
+        return model.ffn_hidden_size
+    if model.activation == "swiglu":
+        return -(-int(8 * model.hidden_size / 3) // 64) * 64
+    return 4 * model.hidden_size
+
 
 PARAMS_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

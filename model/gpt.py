@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gptforge.launcher.config import ModelConfig
+from gptforge.model.config import ModelConfig
 from gptforge.model.init import init_layout_independent
 from gptforge.model.specs import layer_spec
 

@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from gptforge.launcher.config import ModelConfig
+from gptforge.model.config import ModelConfig
 
 
 def te_available() -> bool:

@@ -8,14 +8,17 @@ the parallel state), then megatron's optimizer (grad clipping, loss scaling) and
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from gptforge.launcher.config import OptimConfig, TrainConfig
 from gptforge.parallel import cpu_compat
 from gptforge.parallel.context import ParallelContext
 from gptforge.parallel.engine import StepResult
+
+if TYPE_CHECKING:  # the optim/train sections, for annotations only
+    from gptforge.launcher.config import OptimConfig, TrainConfig
 
 
 def apply_mixed_precision(chunks, tcfg, precision: str):

@@ -43,3 +43,21 @@ def test_four_process_layouts_match_single_process(baseline, tmp_path):
     }, STEPS)
     for name, result in out.items():
         assert_close_losses(_losses(result), baseline)
+
+
+LLAMA = ["--model.position_embedding_type=rope", "--model.normalization=RMSNorm",
+         "--model.activation=swiglu", "--model.num_query_groups=2", "--model.add_bias_linear=false",
+         "--model.tie_embeddings=false"]
+
+
+def test_llama_style_model_trains_and_matches_across_layouts(tmp_path):
+    """RoPE + RMSNorm + SwiGLU + GQA: TP=2 and PP=2 match one process, and the loss falls."""
+    single = run_layouts(1, tmp_path / "one", {"llama": LLAMA}, STEPS)
+    baseline = _losses(single["llama"])
+    assert baseline[-1] < baseline[0]
+    out = run_layouts(2, tmp_path / "two", {
+        "llama_tp2": [*LLAMA, "--parallel.tensor_model_parallel_size=2"],
+        "llama_pp2": [*LLAMA, "--parallel.pipeline_model_parallel_size=2"],
+    }, STEPS)
+    for name, result in out.items():
+        assert_close_losses(_losses(result), baseline)

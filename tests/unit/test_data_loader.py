@@ -131,18 +131,19 @@ def epoch0_tokens_left(state, docs_per_shard=8, doc_length=11) -> list[int]:
     return left
 
 
-@pytest.mark.parametrize("old_dp,new_dp,steps", [(2, 1, 1), (1, 2, 2), (2, 3, 1), (3, 2, 1)])
-def test_resume_with_new_dp_size_repeats_and_skips_nothing(even_data, old_dp, new_dp, steps):
+@pytest.mark.parametrize("old_dp,old_workers,new_dp,steps",
+                         [(2, 0, 1, 1), (1, 0, 2, 2), (2, 0, 3, 1), (3, 0, 2, 1), (1, 2, 2, 3)])
+def test_resume_with_new_dp_size_repeats_and_skips_nothing(even_data, old_dp, old_workers,
+                                                           new_dp, steps):
     path, shards = even_data
-    cfg = make_cfg(path)
     seen = collections.Counter()
     old_states = []
     for rank in range(old_dp):
-        it = loader(cfg, dp_rank=rank, dp_size=old_dp, mbs=1)
+        it = loader(make_cfg(path, num_workers=old_workers), dp_rank=rank, dp_size=old_dp, mbs=1)
         seen.update(inputs(take(it, steps)).tolist())
         old_states.append(it.state_dict())
     for rank in range(new_dp):
-        it = loader(cfg, dp_rank=rank, dp_size=new_dp, mbs=1)
+        it = loader(make_cfg(path), dp_rank=rank, dp_size=new_dp, mbs=1)
         it.load_state_dict(old_states)
         (left,) = epoch0_tokens_left(it.state_dict())
         stream = inputs(take(it, left // 16 + 1))
