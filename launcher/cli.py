@@ -26,7 +26,12 @@ def _train(args: argparse.Namespace) -> int:
     files, overrides = train.parse_args(args.rest)
     cfg = load_config(files, overrides)
     if args.nproc_per_node is None:
-        train.run(cfg)
+        from gptforge.parallel.context import destroy_parallel
+
+        try:
+            train.run(cfg)
+        finally:
+            destroy_parallel()
         return 0
     validate(cfg, args.nproc_per_node)  # fail before any process starts
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",

@@ -96,6 +96,8 @@ class MegatronEngine:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.ctx, self.train_cfg, self.seq_length = ctx, train, seq_length
+        # Chunks are built on CPU (use_cpu_initialization): move them before wrapping.
+        chunks = [chunk.to(ctx.device) for chunk in chunks]
         self.model_chunks = apply_data_parallel(apply_mixed_precision(chunks, tcfg, train.precision),
                                                 tcfg, use_distributed_optimizer)
         self.optimizer = build_optimizer(self.model_chunks, optim, train, use_distributed_optimizer)
@@ -114,6 +116,9 @@ class MegatronEngine:
         return self._param_count
 
     def _run(self, micro_batches: list[dict], forward_only: bool) -> float | None:
+        if self.ctx.device.type != "cpu":
+            micro_batches = [{k: v.to(self.ctx.device, non_blocking=True) for k, v in mb.items()}
+                             for mb in micro_batches]
         iters = [iter(micro_batches) for _ in self.model_chunks]
         losses = self._forward_backward(
             forward_step_func=_forward_step,
