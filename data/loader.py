@@ -99,6 +99,12 @@ class StreamBatcher:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         spec = self.spec
+        return make_batch(self.next_windows(), spec.eod_ids[0], spec.reset_position_ids,
+                          spec.reset_attention_mask)
+
+    def next_windows(self) -> np.ndarray:
+        """The next micro-batch as int64 windows ``[micro_batch_size, seq_length + 1]``."""
+        spec = self.spec
         picks = self._pick_sources(spec.micro_batch_size) if len(self.sources) > 1 else \
             [0] * spec.micro_batch_size
         rows, start = [], 0
@@ -109,17 +115,16 @@ class StreamBatcher:
             tokens = self.sources[picks[start]].read((end - start) * spec.seq_length)
             rows.append(windows_from(tokens, end - start, spec.seq_length))
             start = end
-        windows = rows[0] if len(rows) == 1 else np.concatenate(rows)
-        eod = spec.eod_ids[0]
-        return make_batch(windows, eod, spec.reset_position_ids, spec.reset_attention_mask)
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
 
 STATE_KEY = "_gptforge_stream_state"
 
 
 class WorkerDataset(torch.utils.data.IterableDataset):
-    """DataLoader worker ``w`` serves stream ``first + (w + rotation) % W`` and tags each batch
-    with that stream's state after it."""
+    """DataLoader worker ``w`` serves stream ``first + (w + rotation) % W``: it yields the
+    windows of each micro-batch (one tensor crosses processes; the main process builds the
+    batch) tagged with that stream's state after it."""
 
     def __init__(self, spec: LoaderSpec, first_stream: int, num_streams: int,
                  states: list[dict], rotation: int):
@@ -133,9 +138,8 @@ class WorkerDataset(torch.utils.data.IterableDataset):
         batcher = StreamBatcher(self.spec, self.first_stream + local, self.num_streams,
                                 self.states[local])
         while True:
-            batch = batcher.next_batch()
-            batch[STATE_KEY] = json.dumps([local, batcher.state()])
-            yield batch
+            yield {"windows": batcher.next_windows(),
+                   STATE_KEY: json.dumps([local, batcher.state()])}
 
 
 class Loader:
@@ -175,7 +179,7 @@ class Loader:
                                 rotation)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None,
                                              num_workers=self.num_workers, prefetch_factor=4)
-        return _from_workers(iter(loader), self.stream_states)
+        return _from_workers(iter(loader), self.stream_states, self.spec)
 
     def close(self) -> None:
         """Stop DataLoader workers (they also stop when the loader is dropped)."""
@@ -243,11 +247,12 @@ def _in_process(batcher: StreamBatcher, stream_states: list):
         yield batcher.next_batch()
 
 
-def _from_workers(iterator, stream_states: list[dict]):
-    for batch in iterator:
-        local, state = json.loads(batch.pop(STATE_KEY))
+def _from_workers(iterator, stream_states: list[dict], spec: LoaderSpec):
+    for item in iterator:
+        local, state = json.loads(item[STATE_KEY])
         stream_states[local] = state
-        yield batch
+        yield make_batch(item["windows"].numpy(), spec.eod_ids[0], spec.reset_position_ids,
+                         spec.reset_attention_mask)
 
 
 def _source_configs(cfg, split: str) -> list:

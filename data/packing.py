@@ -8,6 +8,7 @@ every token is an input once and a label once (megatron's GPT dataset does the s
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 import numpy as np
@@ -16,6 +17,8 @@ import torch
 from gptforge.data.shardspec import ResolvedSource, SourceError
 from gptforge.data.shards import ShardError, read_shard
 from gptforge.data.state import doc_order, epoch_items
+
+log = logging.getLogger(__name__)
 
 EMPTY_EPOCHS_LIMIT = 2
 
@@ -60,9 +63,12 @@ class SourceStream:
         url = self.source.urls[item[1]]
         docs = read_shard(url, skip_corrupt=self.skip_corrupt)
         expected = self.source.expected_docs[item[1]]
-        if expected is not None and len(docs) != expected and not self.skip_corrupt:
-            raise ShardError(f"{url}: holds {len(docs)} documents, {self.source.index_path} "
-                             f"says {expected} (truncated shard?)")
+        if expected is not None and len(docs) != expected:
+            message = (f"{url}: holds {len(docs)} documents, {self.source.index_path} says "
+                       f"{expected} (truncated shard?)")
+            if not self.skip_corrupt:
+                raise ShardError(message)
+            log.warning("reading what is there: %s", message)
         order = doc_order(self.seed, self.source_index, item, len(docs))
         return join_documents([docs[i] for i in order], self.eod_id, url, self.vocab_size)
 

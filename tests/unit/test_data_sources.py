@@ -48,22 +48,31 @@ def first_batches(cfg, n=1, vocab_size=VOCAB, split="train", mbs=2):
 
 @pytest.fixture
 def data_dir(tmp_path):
-    write_token_dataset(tmp_path / "d", {"train": unique_docs(3, 6, 9),
+    write_token_dataset(tmp_path / "d", {"train": unique_docs(3, 6, 9, first_token=10),
                                          "valid": unique_docs(1, 4, 9, first_token=50000)},
                         vocab_size=VOCAB, eod_id=0)
     return tmp_path / "d"
 
 
 def tokens_of(batches) -> set[int]:
-    return set(np.concatenate([b["tokens"].numpy().ravel() for b in batches]).tolist()) - {0}
+    return set(np.concatenate([b["tokens"].numpy().ravel() for b in batches]).tolist()) - {0, 2}
 
 
-def test_directory_glob_brace_and_pipe_sources_read_the_same_tokens(data_dir):
+def test_directory_glob_brace_and_pipe_sources_read_the_same_tokens(data_dir, tiny_tokenizer):
     want = tokens_of(first_batches(cfg_for(data_dir), 20))
     assert len(want) == 3 * 6 * 9
-    for spec in [f"{data_dir}/train-*.tar", f"{data_dir}/train-{{000000..000002}}.tar",
-                 f"pipe:cat {data_dir}/train-{{000000..000002}}.tar"]:
+    for spec in [f"{data_dir}/train-*.tar", f"{data_dir}/train-{{000000..000002}}.tar"]:
         assert tokens_of(first_batches(cfg_for(spec), 20)) == want, spec
+    pipe = f"pipe:cat {data_dir}/train-{{000000..000002}}.tar"  # no index: EOD from tokenizer
+    batches = first_batches(cfg_for(pipe, tokenizer_model=str(tiny_tokenizer)), 20)
+    assert tokens_of(batches) == want
+    assert 2 in np.concatenate([b["tokens"].numpy().ravel() for b in batches])
+
+
+def test_failing_pipe_command_is_named(tiny_tokenizer):
+    cfg = cfg_for("pipe:cat /nonexistent.tar", tokenizer_model=str(tiny_tokenizer))
+    with pytest.raises(ShardError, match="pipe:cat /nonexistent.tar"):
+        first_batches(cfg)
 
 
 def test_valid_split_comes_from_the_directory_index(data_dir):
@@ -88,7 +97,7 @@ def test_missing_shard_is_named(data_dir):
     (data_dir / "train-000001.tar").unlink()
     with pytest.raises(SourceError, match="train-000001.tar"):
         first_batches(cfg_for(data_dir))
-    with pytest.raises(SourceError, match="train-000009.tar"):
+    with pytest.raises(SourceError, match="train-000001.tar: shard not found"):
         first_batches(cfg_for(f"{data_dir}/train-{{000000..000009}}.tar"))
 
 

@@ -41,7 +41,8 @@ def test_info_records_ids_vocab_and_hash(tiny_tokenizer):
 
 def test_special_tokens_and_unigram(tmp_path, text_corpus):
     info = tokenizer.train([str(text_corpus)], str(tmp_path / "u"), 500, model_type="unigram",
-                           user_defined_symbols=("<|user|>",), txt_unit="file")
+                           user_defined_symbols=("<|user|>",), txt_unit="file",
+                           input_sentence_size=1500)
     proc = tokenizer.load(info.path)
     ids = tokenizer.encode(proc, "hi <|user|> there")
     assert proc.piece_to_id("<|user|>") in ids
