@@ -121,7 +121,7 @@ def run_plain(warmup: int, steps: int) -> tuple[list[float], int, nn.Module]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         times.append(time.perf_counter() - start)
     print(f"  plain: loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
     return times[warmup:], sum(p.numel() for p in model.parameters()), model

@@ -76,6 +76,16 @@ class LoggingConfig:
 
 
 @dataclass
+class SampleConfig:
+    """A text sample generated after training (needs data.tokenizer_model; TP=1, PP=1)."""
+
+    prompt: str = ""  # empty: no sample
+    max_new_tokens: int = 48
+    temperature: float = 0.8
+    top_k: int = 20
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/default"
     name: str = ""
@@ -90,6 +100,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -296,6 +307,10 @@ def validate(cfg: Config, world_size: int) -> Derived:
         raise ConfigError("optim.lr_warmup_iters", f"{o.lr_warmup_iters} exceeds the decay length")
     if cfg.data.source == "webdataset" and not cfg.data.sources:
         raise ConfigError("data.sources", "data.source=webdataset needs at least one source")
+    if cfg.sample.prompt and (tp > 1 or pp > 1):
+        raise ConfigError("sample.prompt", "generation needs tensor and pipeline parallel size 1")
+    if cfg.sample.prompt and not cfg.data.tokenizer_model:
+        raise ConfigError("sample.prompt", "needs data.tokenizer_model to encode the prompt")
     notes = []
     vocab = padded_vocab_size(m, tp)
     if vocab != m.vocab_size:

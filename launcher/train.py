@@ -44,6 +44,22 @@ def build_engine(cfg: Config, derived: Derived, ctx):
                           cfg.parallel.use_distributed_optimizer, cfg.model.seq_length)
 
 
+def write_sample(cfg: Config, model, derived: Derived, is_logging_rank: bool) -> None:
+    """Generate from ``cfg.sample.prompt``; the logging rank prints it and writes sample.txt."""
+    from gptforge.data import tokenizer
+    from gptforge.model.generate import generate
+
+    sp = tokenizer.load(cfg.data.tokenizer_model)
+    ids = generate(model, sp.encode(cfg.sample.prompt), max_new_tokens=cfg.sample.max_new_tokens,
+                   vocab_size=cfg.model.vocab_size, seq_length=cfg.model.seq_length,
+                   temperature=cfg.sample.temperature, top_k=cfg.sample.top_k,
+                   seed=cfg.train.seed, eod_id=sp.eos_id())
+    if is_logging_rank:
+        text = cfg.sample.prompt + sp.decode(ids)
+        (Path(cfg.run.dir) / "sample.txt").write_text(text)
+        print(f"[gptforge] sample:\n{text}", flush=True)
+
+
 def run(cfg: Config) -> list[dict]:
     """Train on this rank; returns the logged records (empty except on the logging rank)."""
     from gptforge.launcher.metrics import build_sink
@@ -72,6 +88,8 @@ def run(cfg: Config) -> list[dict]:
                         num_microbatches=derived.num_microbatches, throughput=throughput,
                         sink=sink,
                         make_valid_iter=lambda: iter(build_batches(cfg, derived, ctx, "valid")))
+        if cfg.sample.prompt:
+            write_sample(cfg, engine.model_chunks[0], derived, ctx.is_logging_rank)
         sink.close()
         return records if ctx.is_logging_rank else []
     finally:
