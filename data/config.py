@@ -19,7 +19,6 @@ class DataConfig:
     valid_sources: list[DataSourceConfig] = field(default_factory=list)
     tokenizer_model: str = ""  # sentencepiece .model file; shards record its hash
     num_workers: int = 0
-    shuffle_buffer: int = 1000
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     skip_corrupt: bool = False

@@ -16,8 +16,7 @@ Splitting and shuffling. There are ``dp_size * max(1, num_workers)`` *streams*, 
 batches. Every epoch, each source's shards are permuted (seed, source, epoch) and dealt to the
 streams; when shards are fewer than streams, each shard is cut into interleaved slices of
 documents. Within a shard, documents are read in a seeded permutation (the whole shard is held
-in memory, so shuffling is exact and no shuffle buffer state is needed; ``cfg.shuffle_buffer``
-is unused). Epochs repeat forever, reshuffled. See ``gptforge.data.state``.
+in memory, so shuffling is exact and no shuffle buffer state is needed). Epochs repeat forever, reshuffled. See ``gptforge.data.state``.
 
 Resume design. A stream's position per source is a queue of *items* ``[epoch, shard, slice,
 num_slices, token_offset]`` plus the next epoch to plan; because orders are pure functions of

@@ -72,6 +72,11 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
                        on_cpu: bool) -> "TransformerConfig":
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from gptforge.model.specs import resolve_backend
+
+    if parallel.sequence_parallel and resolve_backend(model) != "te":
+        raise ValueError("parallel.sequence_parallel: needs Transformer Engine layers (megatron's "
+                         "local torch norm refuses sequence parallelism)")
     swiglu = model.activation == "swiglu"
     vpp = parallel.virtual_pipeline_model_parallel_size
     return TransformerConfig(
