@@ -19,16 +19,6 @@ from gptforge.data.synthetic import write_text_corpus
 from gptforge.data.text_inputs import InputError
 
 
-@pytest.fixture(scope="module")
-def text_corpus(tmp_path_factory):
-    return write_text_corpus(tmp_path_factory.mktemp("corpus") / "text")
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(text_corpus):
-    return Path(tokenizer.train([str(text_corpus)], str(text_corpus.parent / "tok"), 600,
-                                txt_unit="file").path)
-
 
 def settings(corpus, tok, out, **kw) -> PrepareSettings:
     base = dict(inputs=[str(corpus)], tokenizer=str(tok), out=str(out), valid_fraction=0.1,

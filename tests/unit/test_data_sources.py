@@ -22,15 +22,6 @@ from gptforge.launcher.config import DataConfig, DataSourceConfig
 
 VOCAB = 60000
 
-@pytest.fixture(scope="module")
-def text_corpus(tmp_path_factory):
-    return write_text_corpus(tmp_path_factory.mktemp("corpus") / "text")
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(text_corpus):
-    return Path(tokenizer.train([str(text_corpus)], str(text_corpus.parent / "tok"), 600,
-                                txt_unit="file").path)
 
 
 

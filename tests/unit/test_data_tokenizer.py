@@ -14,15 +14,6 @@ from gptforge.data.synthetic import write_text_corpus
 MIXED = ("Grüße, 世界! naïve café — ok?\n\tdef f(x):\n        return {'a': x ** 2}  # ∑ 😀\r\n"
          "\n\n   leading and trailing spaces   \n\x00\x07 control \u200b zero-width ")
 
-@pytest.fixture(scope="module")
-def text_corpus(tmp_path_factory):
-    return write_text_corpus(tmp_path_factory.mktemp("corpus") / "text")
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(text_corpus):
-    return Path(tokenizer.train([str(text_corpus)], str(text_corpus.parent / "tok"), 600,
-                                txt_unit="file").path)
 
 
 
