@@ -118,14 +118,13 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(key, arg, value)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                continue
         raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in args:
@@ -299,8 +298,6 @@ def validate(cfg: Config, world_size: int) -> Derived:
                           f"parallel.pipeline_model_parallel_size={pp}")
     if p.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel", "needs tensor_model_parallel_size > 1")
-    if p.use_distributed_optimizer and t.precision == "fp16":
-        pass  # supported by megatron; kept explicit for readers
     if o.min_lr > o.lr:
         raise ConfigError("optim.min_lr", f"{o.min_lr} is larger than optim.lr={o.lr}")
     if o.lr_warmup_iters > (o.lr_decay_iters or t.train_iters):

@@ -95,7 +95,7 @@ class MegatronEngine:
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        self.ctx, self.train_cfg, self.seq_length = ctx, train, seq_length
+        self.ctx, self.seq_length = ctx, seq_length
         # Chunks are built on CPU (use_cpu_initialization): move them before wrapping.
         chunks = [chunk.to(ctx.device) for chunk in chunks]
         self.model_chunks = apply_data_parallel(apply_mixed_precision(chunks, tcfg, train.precision),
