@@ -17,6 +17,7 @@ $(STAMP): setup.py
 	touch $@
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 demo: install

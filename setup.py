@@ -22,6 +22,6 @@ setup(
         "numpy",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=8", "transformers"]},
+    extras_require={"test": ["pytest>=8", "ruff", "transformers"]},
     entry_points={"console_scripts": ["gptforge=gptforge.launcher.cli:main"]},
 )

@@ -17,7 +17,7 @@ import torch
 
 from gptforge.data.loader import build_loader
 from gptforge.data.synthetic import write_token_dataset
-from gptforge.launcher.config import DataConfig, DataSourceConfig
+from gptforge.data.config import DataConfig, DataSourceConfig
 
 VOCAB, EOD = 32000, 2
 

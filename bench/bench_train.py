@@ -133,7 +133,7 @@ def gptforge_overrides(backend: str, iters: int, run_dir: str) -> list[str]:
                                              "seq_length", "vocab_size")]
     o += [f"--train.micro_batch_size={SHAPE['micro_batch_size']}",
           f"--train.global_batch_size={SHAPE['global_batch_size']}",
-          "--train.precision=fp32", f"--optim.lr={LR}", f"--optim.clip_grad={CLIP}",
+          "--precision.dtype=fp32", f"--optim.lr={LR}", f"--optim.clip_grad={CLIP}",
           "--data.source=mock", f"--train.train_iters={iters}", "--train.eval_interval=0",
           "--train.log_interval=1", f"--train.seed={SEED}", f"--run.dir={run_dir}"]
     if backend != "auto":
@@ -177,7 +177,7 @@ def run_gptforge(backend: str, warmup: int, steps: int, profile: bool = False):
                 prof = cProfile.Profile()
                 prof.enable()
             with contextlib.redirect_stdout(open(os.devnull, "w")):
-                records = gtrain.run(cfg)
+                records = gtrain.run(cfg).records
             if profile:
                 prof.disable()
                 print(f"\n--- cProfile of gptforge ({backend}) run(), {warmup + steps} steps incl. "

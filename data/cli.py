@@ -1,7 +1,9 @@
 """The data verbs of ``gptforge``: ``tokenizer train|encode|decode`` and ``data prepare``.
 
 ``register(subparsers)`` adds them to the launcher's argparse subparsers; every leaf parser
-sets ``func(args) -> exit code``. ``python -m gptforge.data.cli ...`` runs them standalone.
+sets ``func(args) -> exit code``. A user mistake raises ``DataError`` (one line naming the file
+or flag at fault) for the caller to print. ``python -m gptforge.data.cli ...`` runs them
+standalone and prints such an error as ``gptforge: error: <message>`` (exit status 2).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import shlex
 import sys
 
+from gptforge.data.errors import DataError
 from gptforge.data.text_inputs import TXT_UNITS
 
 
@@ -118,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gptforge")
     register(parser.add_subparsers(dest="verb", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except DataError as err:
+        print(f"gptforge: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

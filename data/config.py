@@ -8,17 +8,27 @@ from typing import Literal
 
 @dataclass
 class DataSourceConfig:
-    path: str = ""  # shard spec: directory, glob, brace pattern or "pipe:" command
+    path: str = ""
+    """Shard spec: a directory with index.json, a glob, a brace pattern or a "pipe:" command."""
     weight: float = 1.0
+    """Share of this source in the blend (relative to the other sources)."""
 
 
 @dataclass
 class DataConfig:
     source: Literal["mock", "webdataset"] = "mock"
+    """mock: generated learnable batches (same for every layout); webdataset: token shards."""
     sources: list[DataSourceConfig] = field(default_factory=list)
+    """Training sources, e.g. "[{path: shards, weight: 1}]"."""
     valid_sources: list[DataSourceConfig] = field(default_factory=list)
-    tokenizer_model: str = ""  # sentencepiece .model file; shards record its hash
+    """Validation sources; empty: the valid split of the training sources."""
+    tokenizer_model: str = ""
+    """sentencepiece .model file; the shards record its hash and must match it."""
     num_workers: int = 0
+    """DataLoader worker processes per rank; 0: read in the training process."""
     reset_position_ids: bool = False
+    """Restart position ids at every document boundary in a packed window."""
     reset_attention_mask: bool = False
+    """Mask attention across document boundaries in a packed window."""
     skip_corrupt: bool = False
+    """Skip (and log) missing or corrupt shards instead of failing."""

@@ -16,7 +16,8 @@ Splitting and shuffling. There are ``dp_size * max(1, num_workers)`` *streams*, 
 batches. Every epoch, each source's shards are permuted (seed, source, epoch) and dealt to the
 streams; when shards are fewer than streams, each shard is cut into interleaved slices of
 documents. Within a shard, documents are read in a seeded permutation (the whole shard is held
-in memory, so shuffling is exact and no shuffle buffer state is needed). Epochs repeat forever, reshuffled. See ``gptforge.data.state``.
+in memory, so shuffling is exact and no shuffle buffer state is needed). Epochs repeat
+forever, reshuffled. See ``gptforge.data.state``.
 
 Resume design. A stream's position per source is a queue of *items* ``[epoch, shard, slice,
 num_slices, token_offset]`` plus the next epoch to plan; because orders are pure functions of
@@ -44,11 +45,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gptforge.data import tokenizer
 from gptforge.data.packing import SourceStream, make_batch, windows_from
-from gptforge.data.shardspec import ResolvedSource, SourceError, resolve
-from gptforge.data.state import (STATE_VERSION, StateError, initial_stream_state, merge_states,
-                                 reshard)
+from gptforge.data.shardspec import ResolvedSource, SourceError, config_tokenizer, resolve_split
+from gptforge.data.state import (
+    STATE_VERSION,
+    StateError,
+    initial_stream_state,
+    merge_states,
+    reshard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +90,8 @@ class StreamBatcher:
         self.weights = np.asarray(spec.weights) / sum(spec.weights)
 
     def state(self) -> dict:
-        return {"sources": [s.state() for s in self.sources], "blend_counts": list(self.blend_counts)}
+        return {"sources": [s.state() for s in self.sources],
+                "blend_counts": list(self.blend_counts)}
 
     def _pick_sources(self, count: int) -> list[int]:
         picks = []
@@ -254,56 +260,12 @@ def _from_workers(iterator, stream_states: list[dict], spec: LoaderSpec):
                          spec.reset_attention_mask)
 
 
-def _source_configs(cfg, split: str) -> list:
-    if split == "train":
-        if not cfg.sources:
-            raise SourceError("data.sources: no training sources configured")
-        return list(cfg.sources)
-    if split != "valid":
-        raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
-    return list(cfg.valid_sources or cfg.sources)
-
-
-def _check_source(src: ResolvedSource, vocab_size: int, tokenizer_sha: str | None,
-                  tokenizer_path: str) -> None:
-    where = src.index_path or src.spec
-    if src.vocab_size is not None and src.vocab_size > vocab_size:
-        raise SourceError(f"{where}: shards were made with a vocabulary of {src.vocab_size}, "
-                          f"larger than the model's vocab_size {vocab_size}")
-    if tokenizer_sha and src.tokenizer_sha256 and tokenizer_sha != src.tokenizer_sha256:
-        raise SourceError(f"{where}: shards were made with tokenizer sha256 "
-                          f"{src.tokenizer_sha256[:12]}…, but data.tokenizer_model "
-                          f"{tokenizer_path} has {tokenizer_sha[:12]}…")
-
-
-def _eod_id(src: ResolvedSource, tokenizer_eos: int | None) -> int:
-    if src.eod_id is not None:
-        return src.eod_id
-    if tokenizer_eos is not None and tokenizer_eos >= 0:
-        return tokenizer_eos
-    raise SourceError(f"{src.spec}: no index.json next to these shards tells the end-of-document "
-                      f"id; set data.tokenizer_model")
-
-
 def build_spec(cfg, *, split: str, seq_length: int, micro_batch_size: int, seed: int,
                vocab_size: int) -> LoaderSpec:
     """Resolve and check the sources of ``split``; every error names the file at fault."""
-    configs = _source_configs(cfg, split)
-    tok = tokenizer.info(cfg.tokenizer_model) if cfg.tokenizer_model else None
-    sources, weights, eods = [], [], []
-    for k, sc in enumerate(configs):
-        if not sc.weight > 0:
-            raise SourceError(f"data.sources[{k}].weight: must be > 0, got {sc.weight}")
-        src = resolve(sc.path, "valid" if split == "valid" and not cfg.valid_sources else "train",
-                      check_exists=not cfg.skip_corrupt)
-        _check_source(src, vocab_size, tok.sha256 if tok else None, cfg.tokenizer_model)
-        sources.append(src)
-        weights.append(float(sc.weight))
-        eods.append(_eod_id(src, tok.eos_id if tok else None))
-    if len(set(eods)) > 1:
-        raise SourceError(f"{', '.join(s.spec for s in sources)}: sources disagree on the "
-                          f"end-of-document id {eods} (different tokenizers?)")
-    return LoaderSpec(tuple(sources), tuple(weights), tuple(eods), seq_length,
+    resolved = resolve_split(cfg, split, vocab_size=vocab_size,
+                             tok=config_tokenizer(cfg, vocab_size))
+    return LoaderSpec(resolved.sources, resolved.weights, resolved.eod_ids, seq_length,
                       micro_batch_size, seed, vocab_size, cfg.skip_corrupt,
                       cfg.reset_position_ids, cfg.reset_attention_mask)
 

@@ -14,8 +14,8 @@ from collections import deque
 import numpy as np
 import torch
 
-from gptforge.data.shardspec import ResolvedSource, SourceError
 from gptforge.data.shards import ShardError, read_shard
+from gptforge.data.shardspec import ResolvedSource, SourceError
 from gptforge.data.state import doc_order, epoch_items
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,8 @@ def make_batch(windows: np.ndarray, eod_id: int, reset_position_ids: bool,
     starts = np.zeros(tokens.shape, dtype=bool)
     starts[:, 1:] = tokens[:, :-1] == eod_id
     doc_start = np.maximum.accumulate(np.where(starts, arange, 0), axis=1)
-    position_ids = arange - doc_start if reset_position_ids else np.broadcast_to(arange, tokens.shape)
+    position_ids = (arange - doc_start if reset_position_ids
+                    else np.broadcast_to(arange, tokens.shape))
     out["position_ids"] = torch.from_numpy(np.ascontiguousarray(position_ids))
     if reset_attention_mask:
         segment = torch.from_numpy(np.cumsum(starts, axis=1))

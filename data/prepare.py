@@ -7,6 +7,12 @@ on the document order, so the worker count never changes the output. After each 
 ``<out>/.prepare-state.json`` records it with the input position it ends at; a rerun after a
 crash keeps those shards and restarts from the earliest unfinished position (documents already
 in a finished shard of their split are skipped). ``index.json`` is written last.
+
+Bad settings, inputs and tokenizers raise a ``DataError`` naming the culprit before anything is
+written: every input is read once up front (``text_inputs.check_input``; for plain text this
+costs far less than tokenizing it). A ``DataError`` after writing has begun removes what this
+run added: the whole ``--out`` directory if the run created it, else the files it added, with
+the earlier ``.prepare-state.json`` put back, so an interrupted run stays resumable.
 """
 
 from __future__ import annotations
@@ -14,10 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
+import re
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,8 +35,17 @@ import numpy as np
 from tqdm import tqdm
 
 from gptforge.data import tokenizer
+from gptforge.data.errors import DataError
+from gptforge.data.outputs import check_out_dir, missing_root
 from gptforge.data.shards import ShardWriter, dtype_for_vocab, ext_for_dtype
-from gptforge.data.text_inputs import InputError, expand_inputs, is_jsonl, iter_records, record_text
+from gptforge.data.text_inputs import (
+    TXT_UNITS,
+    check_input,
+    expand_inputs,
+    is_jsonl,
+    iter_records,
+    record_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +54,10 @@ STATE_FILE = ".prepare-state.json"
 INDEX_FILE = "index.json"
 FORMAT = "gptforge-tokens-v1"
 CRASH_ENV = "GPTFORGE_PREPARE_CRASH_AFTER_DOCS"  # test hook: exit abruptly after N written docs
+OUTPUT_NAME = re.compile(r"(train|valid)-\d{6}\.tar(\.tmp)?|(index|\.prepare-state)\.json(\.tmp)?")
 
 
-class PrepareError(ValueError):
+class PrepareError(DataError):
     """A problem preparing shards; the message starts with the file or directory."""
 
 
@@ -55,6 +75,22 @@ class PrepareSettings:
     command: list[str] = field(default_factory=list)
 
 
+def check_settings(settings: PrepareSettings) -> None:
+    """Refuse bad numbers and an unusable ``--out`` before any input is read."""
+    if not 0 <= settings.valid_fraction < 1:
+        raise PrepareError(f"--valid-fraction: must be in [0, 1), got {settings.valid_fraction}")
+    if not (settings.shard_size_mb > 0 and math.isfinite(settings.shard_size_mb)):
+        raise PrepareError(f"--shard-size-mb: must be a positive number, got "
+                           f"{settings.shard_size_mb}")
+    if not settings.workers >= 1:
+        raise PrepareError(f"--workers: must be at least 1, got {settings.workers}")
+    if not settings.docs_per_chunk >= 1:
+        raise PrepareError(f"docs_per_chunk: must be at least 1, got {settings.docs_per_chunk}")
+    if settings.txt_unit not in TXT_UNITS:
+        raise PrepareError(f"--txt-unit: must be one of {TXT_UNITS}, got {settings.txt_unit!r}")
+    check_out_dir(Path(settings.out), "--out", PrepareError)
+
+
 def valid_hash_fraction(text_bytes: bytes) -> float:
     """A stable number in [0, 1) from a document's text: the train/valid split key."""
     return int.from_bytes(hashlib.blake2b(text_bytes, digest_size=8).digest(), "little") / 2**64
@@ -66,14 +102,25 @@ _WORKER: dict = {}
 
 
 def _init_worker(model_path: str, text_key: str, valid_fraction: float, dtype_str: str) -> None:
-    _WORKER.update(proc=tokenizer.load(model_path), text_key=text_key,
-                   valid_fraction=valid_fraction, dtype=np.dtype(dtype_str))
+    try:  # an initializer that raises makes a Pool restart workers forever: raise it per task
+        proc = tokenizer.load(model_path)
+    except DataError as err:
+        proc = err
+    _WORKER.update(proc=proc, text_key=text_key, valid_fraction=valid_fraction,
+                   dtype=np.dtype(dtype_str))
+
+
+def check_file(path_and_key: tuple[str, str]) -> None:
+    """``check_input`` for a worker: ``(path, text_key)``."""
+    check_input(Path(path_and_key[0]), path_and_key[1])
 
 
 def encode_chunk(chunk: tuple[str, bool, list[tuple[int, int, str]]]) -> list[tuple]:
     """Tokenize ``(file, jsonl, [(ordinal, line, raw)])``; return
     ``[(ordinal, split index, token bytes, token count)]`` and the chunk's text byte count."""
     path, jsonl, records = chunk
+    if isinstance(_WORKER["proc"], DataError):
+        raise _WORKER["proc"]
     texts, ordinals = [], []
     text_bytes = 0
     for ordinal, line_no, raw in records:
@@ -114,21 +161,40 @@ def iter_chunks(files: list[Path], txt_unit: str, docs_per_chunk: int,
             yield str(path), jsonl, records
 
 
-def _map_chunks(settings: PrepareSettings, dtype: np.dtype, chunks: Iterator) -> Iterator:
+Mapper = Callable[[Callable, Iterator], Iterator]
+
+
+@contextmanager
+def _worker_map(settings: PrepareSettings, dtype: np.dtype) -> Iterator[Mapper]:
+    """An ordered ``imap(fn, items)`` over the worker processes (this process for one)."""
     args = (settings.tokenizer, settings.text_key, settings.valid_fraction, dtype.str)
     if settings.workers <= 1:
         _init_worker(*args)
-        yield from map(encode_chunk, chunks)
+        yield map
         return
     ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
     with ctx.Pool(settings.workers, initializer=_init_worker, initargs=args) as pool:
-        yield from pool.imap(encode_chunk, chunks, chunksize=1)
+        yield lambda fn, items: _without_remote_traceback(pool.imap(fn, items, chunksize=1))
+
+
+def _without_remote_traceback(results: Iterator) -> Iterator:
+    """Re-raise a worker's DataError as itself, without the worker's traceback attached."""
+    try:
+        yield from results
+    except DataError as err:
+        raise err from None
+
+
+def _check_inputs(imap: Mapper, files: list[Path], text_key: str) -> None:
+    for _ in imap(check_file, [(str(path), text_key) for path in files]):
+        pass
 
 
 # ------------------------------------------------------------------ resume state
 
 
-def _fingerprint(settings: PrepareSettings, files: list[Path], tok: tokenizer.TokenizerInfo) -> dict:
+def _fingerprint(settings: PrepareSettings, files: list[Path],
+                 tok: tokenizer.TokenizerInfo) -> dict:
     """Everything that determines the output bytes (not the worker count or the command)."""
     return {"format": FORMAT, "files": [[str(p), p.stat().st_size] for p in files],
             "tokenizer_sha256": tok.sha256, "text_key": settings.text_key,
@@ -137,12 +203,38 @@ def _fingerprint(settings: PrepareSettings, files: list[Path], tok: tokenizer.To
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
+    _write_bytes_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(json.dumps(obj, indent=1) + "\n")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PrepareError(f"{path}: unreadable ({err}); delete it or use a new --out "
+                           f"directory") from None
+    return obj if isinstance(obj, dict) else {}
+
+
+def _completed_index(out: Path, fingerprint: dict) -> dict | None:
+    """The index of a finished run with the same inputs and settings (None if unfinished)."""
+    index_path = out / INDEX_FILE
+    if not index_path.is_file():
+        return None
+    index = _read_json(index_path)
+    if index.get("fingerprint") != fingerprint:
+        raise PrepareError(f"{index_path}: written from different inputs or settings; "
+                           f"use a new --out directory")
+    log.info("%s: already complete", index_path)
+    return index
 
 
 def _load_state(out: Path, fingerprint: dict) -> dict:
@@ -154,7 +246,7 @@ def _load_state(out: Path, fingerprint: dict) -> dict:
             raise PrepareError(f"{out}: holds shards but no {STATE_FILE} or matching "
                                f"{INDEX_FILE}; use an empty --out directory")
         return empty
-    state = json.loads(path.read_text())
+    state = _read_json(path)
     if state.get("fingerprint") != fingerprint:
         raise PrepareError(f"{path}: an unfinished run with different inputs or settings; "
                            f"use a new --out directory or delete it")
@@ -216,53 +308,90 @@ def _progress(total_bytes: int, enabled: bool) -> tqdm:
 
 def prepare(settings: PrepareSettings, *, progress: bool = True) -> dict:
     """Write the shards and ``index.json`` (resuming an interrupted run); return the index."""
+    check_settings(settings)
     files = expand_inputs(settings.inputs)
     tok = tokenizer.info(settings.tokenizer)
     dtype = dtype_for_vocab(tok.vocab_size)
     out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(settings, files, tok)
-    index_path = out / INDEX_FILE
-    if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        if index.get("fingerprint") == fingerprint:
-            log.info("%s: already complete", index_path)
-            return index
-        raise PrepareError(f"{index_path}: written from different inputs or settings; "
-                           f"use a new --out directory")
-    for stale in out.glob("*.tmp"):
-        stale.unlink()
+    index = _completed_index(out, fingerprint)
+    if index is not None:
+        return index
     state = _load_state(out, fingerprint)
+    with _worker_map(settings, dtype) as imap:
+        _check_inputs(imap, files, settings.text_key)
+        with _undone_on_data_error(out):
+            _make_dir(out)
+            _write_shards(out, settings, files, state, dtype, imap, progress)
+            return _finish(out, settings, state, tok, dtype, fingerprint)
+
+
+def _make_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PrepareError(f"{out}: cannot create the --out directory: {err.strerror}") from None
+
+
+@contextmanager
+def _undone_on_data_error(out: Path) -> Iterator[None]:
+    """On a DataError in the block, remove what it added under ``out``: all of ``out`` when
+    this run creates it, else the output files it added, putting back the earlier state file."""
+    created = missing_root(out)
+    before = set() if created else {p.name for p in out.iterdir()}
+    state_path = out / STATE_FILE
+    earlier_state = None if created or not state_path.is_file() else state_path.read_bytes()
+    try:
+        yield
+    except DataError:
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
+        else:
+            _remove_added(out, before, earlier_state)
+        raise
+
+
+def _remove_added(out: Path, before: set[str], earlier_state: bytes | None) -> None:
+    for path in out.iterdir():
+        if path.name not in before and OUTPUT_NAME.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+    if earlier_state is not None:
+        _write_bytes_atomic(out / STATE_FILE, earlier_state)
+
+
+def _write_shards(out: Path, settings: PrepareSettings, files: list[Path], state: dict,
+                  dtype: np.dtype, imap: Mapper, progress: bool) -> None:
+    """Tokenize the documents not yet in a finished shard and append them to their split."""
     resume = _resume_ordinals(state)
     target = int(settings.shard_size_mb * (1 << 20))
-    writers = [_SplitWriter(out, s, state["splits"][s], target, ext_for_dtype(dtype)) for s in SPLITS]
+    writers = [_SplitWriter(out, s, state["splits"][s], target, ext_for_dtype(dtype))
+               for s in SPLITS]
     crash_after = int(os.environ.get(CRASH_ENV, "0"))
     chunks = iter_chunks(files, settings.txt_unit, settings.docs_per_chunk, min(resume.values()))
-    bar = _progress(sum(p.stat().st_size for p in files), progress)
     docs_written, last_ordinal, start = 0, -1, time.perf_counter()
-    for encoded, text_bytes in _map_chunks(settings, dtype, chunks):
-        for ordinal, split, token_bytes, num_tokens in encoded:
-            last_ordinal = ordinal
-            if ordinal < resume[SPLITS[split]]:
-                continue
-            if writers[split].add(ordinal, token_bytes, num_tokens):
-                _write_json_atomic(out / STATE_FILE, state)
-            docs_written += 1
-            if crash_after and docs_written >= crash_after:
-                os._exit(3)
-        bar.update(text_bytes)
-        bar.set_postfix(docs_per_s=f"{docs_written / (time.perf_counter() - start):.0f}")
-    bar.close()
+    with _progress(sum(p.stat().st_size for p in files), progress) as bar:
+        for encoded, text_bytes in imap(encode_chunk, chunks):
+            for ordinal, split, token_bytes, num_tokens in encoded:
+                last_ordinal = ordinal
+                if ordinal < resume[SPLITS[split]]:
+                    continue
+                if writers[split].add(ordinal, token_bytes, num_tokens):
+                    _write_json_atomic(out / STATE_FILE, state)
+                docs_written += 1
+                if crash_after and docs_written >= crash_after:
+                    os._exit(3)
+            bar.update(text_bytes)
+            bar.set_postfix(docs_per_s=f"{docs_written / (time.perf_counter() - start):.0f}")
     for writer in writers:
         writer.close(last_ordinal + 1)
-    return _finish(out, settings, state, tok, dtype, fingerprint)
 
 
 def _finish(out: Path, settings: PrepareSettings, state: dict, tok: tokenizer.TokenizerInfo,
             dtype: np.dtype, fingerprint: dict) -> dict:
     splits = {}
     for split in SPLITS:
-        shards = [{k: s[k] for k in ("file", "docs", "tokens", "bytes")} for s in state["splits"][split]]
+        shards = [{k: s[k] for k in ("file", "docs", "tokens", "bytes")}
+                  for s in state["splits"][split]]
         splits[split] = {"docs": sum(s["docs"] for s in shards),
                          "tokens": sum(s["tokens"] for s in shards), "shards": shards}
     if splits["train"]["docs"] + splits["valid"]["docs"] == 0:
@@ -275,4 +404,6 @@ def _finish(out: Path, settings: PrepareSettings, state: dict, tok: tokenizer.To
              "command": settings.command, "fingerprint": fingerprint, "splits": splits}
     _write_json_atomic(out / INDEX_FILE, index)
     (out / STATE_FILE).unlink(missing_ok=True)
+    for stale in out.glob("*.tmp"):  # half-written shards of an interrupted run
+        stale.unlink()
     return index

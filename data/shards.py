@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from gptforge.data.errors import DataError
+
 log = logging.getLogger(__name__)
 
 EXT_DTYPES = {"u16": np.dtype("<u2"), "u32": np.dtype("<u4")}
 
 
-class ShardError(ValueError):
+class ShardError(DataError):
     """A shard that cannot be read or holds something other than token data; names the shard."""
 
 
@@ -151,7 +153,8 @@ def _close_quietly(stream) -> None:
 def _fail(url: str, message: str, skip_corrupt: bool, docs: list[np.ndarray]) -> list[np.ndarray]:
     if not skip_corrupt:
         raise ShardError(f"{url}: {message}")
-    log.warning("skipping rest of corrupt shard %s (%d documents kept): %s", url, len(docs), message)
+    log.warning("skipping rest of corrupt shard %s (%d documents kept): %s", url, len(docs),
+                message)
     return docs
 
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from gptforge.data.errors import DataError
+
 STATE_VERSION = 1
 
 
-class StateError(ValueError):
+class StateError(DataError):
     """A loader state that cannot be restored into this configuration."""
 
 

@@ -5,6 +5,11 @@ recursively) and globs. They expand to a sorted, de-duplicated file list, so the
 is stable. A ``.jsonl`` line is one document (its ``text_key`` field); a ``.txt`` file is split
 into documents by ``txt_unit``: ``file`` (the whole file), ``paragraph`` (blank-line separated)
 or ``line``.
+
+``check_input`` reads a file once and stops at its first problem (binary data, invalid UTF-8,
+a bad gzip stream, a jsonl line that is not a JSON object with a string text field), naming
+``path:line``; ``data prepare`` and ``tokenizer train`` run it on every input before they write
+anything.
 """
 
 from __future__ import annotations
@@ -13,14 +18,20 @@ import glob
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from gptforge.data.errors import DataError
+
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
 TXT_UNITS = ("file", "paragraph", "line")
+SNIFF_BYTES = 8192  # a NUL byte this early marks a binary file (as git and grep decide)
+SCAN_BLOCK_BYTES = 16 << 20
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 
 
-class InputError(ValueError):
+class InputError(DataError):
     """A problem with a text input; the message starts with the file or pattern."""
 
 
@@ -28,10 +39,19 @@ def _has_text_suffix(path: Path) -> bool:
     return path.name.endswith(TEXT_SUFFIXES)
 
 
+def _expand_dir(path: Path) -> list[Path]:
+    found = sorted(p for p in path.rglob("*") if p.is_file())
+    files = [p for p in found if _has_text_suffix(p)]
+    if not files:
+        other = f" (it holds {len(found)} other file(s), e.g. {found[0].name})" if found else ""
+        raise InputError(f"{path}: directory holds no {'/'.join(TEXT_SUFFIXES)} files{other}")
+    return files
+
+
 def _expand_one(spec: str) -> list[Path]:
     path = Path(spec)
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and _has_text_suffix(p))
+        return _expand_dir(path)
     if any(ch in spec for ch in "*?["):
         return sorted(Path(p) for p in glob.glob(spec, recursive=True)
                       if Path(p).is_file() and _has_text_suffix(Path(p)))
@@ -59,10 +79,73 @@ def expand_inputs(specs: list[str]) -> list[Path]:
     return files
 
 
+def open_bytes(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
 def open_text(path: Path) -> io.TextIOBase:
     if path.name.endswith(".gz"):
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
     return open(path, encoding="utf-8", newline="")
+
+
+def _piece_problem(piece: bytes, lines_before: int) -> str | None:
+    """``:line: what`` for the first NUL byte or invalid UTF-8 of whole lines ``piece``."""
+    nul_at = piece.find(b"\0")
+    try:
+        piece.decode("utf-8")
+        bad_at, reason = -1, ""
+    except UnicodeDecodeError as err:
+        bad_at, reason = err.start, err.reason
+    if nul_at < 0 and bad_at < 0:
+        return None
+    if nul_at >= 0 and (bad_at < 0 or nul_at < bad_at):
+        at, what = nul_at, "NUL byte: binary data, not text"
+    else:
+        at, what = bad_at, (f"not valid UTF-8 (byte 0x{piece[bad_at]:02x}: {reason}); "
+                            f"convert the file to UTF-8")
+    line_no = lines_before + piece.count(b"\n", 0, at) + 1
+    return f":{line_no}: {what}"
+
+
+def _bytes_problem(handle: io.BufferedIOBase) -> str | None:
+    """What follows the file name in the message about the first problem of a byte stream
+    (read in blocks cut at line ends)."""
+    head = handle.read(SNIFF_BYTES)
+    if b"\0" in head:
+        return ": binary file (NUL bytes near the start), not text"
+    carry, lines_before = head, 0
+    while True:
+        block = handle.read(SCAN_BLOCK_BYTES)
+        data = carry + block
+        cut = len(data) if not block else data.rfind(b"\n") + 1
+        problem = _piece_problem(data[:cut], lines_before)
+        if problem or not block:
+            return problem
+        lines_before += data.count(b"\n", 0, cut)
+        carry = data[cut:]
+
+
+def check_bytes(path: Path) -> None:
+    """Raise InputError naming ``path`` (and the line) if it is binary, not UTF-8 or a bad gzip."""
+    try:
+        with open_bytes(path) as handle:
+            problem = _bytes_problem(handle)
+    except GZIP_ERRORS as err:
+        raise InputError(f"{path}: not a readable gzip file ({err})") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
+    if problem:
+        raise InputError(f"{path}{problem}")
+
+
+def check_input(path: Path, text_key: str = "text") -> None:
+    """Read ``path`` once and raise InputError at its first problem; see the module docstring."""
+    if not is_jsonl(path):
+        check_bytes(path)
+        return
+    for line_no, raw in iter_records(path, "line"):  # locates bad bytes with check_bytes
+        record_text(raw, True, text_key, f"{path}:{line_no}")
 
 
 def is_jsonl(path: Path) -> bool:
@@ -85,8 +168,9 @@ def iter_records(path: Path, txt_unit: str) -> Iterator[tuple[int, str]]:
                     yield 1, text
             else:
                 yield from _paragraphs(handle)
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, OSError) as err:
-        raise InputError(f"{path}: cannot read text: {err}") from err
+    except (UnicodeDecodeError, *GZIP_ERRORS, OSError) as err:
+        check_bytes(path)  # names the line of a decoding problem
+        raise InputError(f"{path}: cannot read text: {err}") from None
 
 
 def _paragraphs(handle: io.TextIOBase) -> Iterator[tuple[int, str]]:
@@ -104,6 +188,12 @@ def _paragraphs(handle: io.TextIOBase) -> Iterator[tuple[int, str]]:
         yield start, "".join(lines).rstrip("\r\n")
 
 
+def _json_type(value) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
 def record_text(raw: str, jsonl: bool, text_key: str, where: str) -> str:
     """The document text of one raw record; ``where`` (file:line) names a bad record."""
     if not jsonl:
@@ -111,12 +201,15 @@ def record_text(raw: str, jsonl: bool, text_key: str, where: str) -> str:
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise InputError(f"{where}: not valid JSON: {err}") from err
-    if not isinstance(obj, dict) or text_key not in obj:
-        raise InputError(f"{where}: JSON record has no {text_key!r} field")
+        raise InputError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: a JSON {_json_type(obj)}, not an object with a "
+                         f"{text_key!r} field")
+    if text_key not in obj:
+        raise InputError(f"{where}: JSON record has no {text_key!r} field (--text-key)")
     text = obj[text_key]
     if not isinstance(text, str):
-        raise InputError(f"{where}: field {text_key!r} is not a string")
+        raise InputError(f"{where}: field {text_key!r} is a JSON {_json_type(text)}, not a string")
     return text
 
 

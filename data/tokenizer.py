@@ -4,25 +4,33 @@ Training normalises nothing (``identity`` rule, no whitespace folding, no dummy 
 uses byte fallback, so decode(encode(text)) == text for any text. Newline and tab are
 user-defined pieces so code keeps its layout cheaply. ``<prefix>.json`` records the hash,
 vocabulary size and the bos/eos/pad/unk ids next to ``<prefix>.model``.
+
+``load`` and ``info`` raise ``TokenizerError`` naming a missing file, a directory or a file that
+is not a sentencepiece model; ``train`` checks every input (``text_inputs.check_input``) and
+refuses inputs without text before sentencepiece starts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import sentencepiece as spm
 
-from gptforge.data.text_inputs import expand_inputs, iter_documents
+from gptforge.data.errors import DataError
+from gptforge.data.outputs import check_out_dir, missing_root
+from gptforge.data.text_inputs import InputError, check_input, expand_inputs, iter_documents
 
 ALWAYS_SYMBOLS = ("\n", "\t")
 MAX_SENTENCE_BYTES = 1 << 16
 
 
-class TokenizerError(ValueError):
+class TokenizerError(DataError):
     """A problem with a tokenizer file; the message starts with the file."""
 
 
@@ -45,21 +53,34 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _spm_reason(err: Exception) -> str:
+    """sentencepiece's error text without its status code and source location."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text.rpartition("] ")[2].removeprefix("INTERNAL: ").strip() or text
+
+
 def load(path: str | Path) -> spm.SentencePieceProcessor:
+    """The sentencepiece model at ``path``; TokenizerError names a missing or foreign file."""
     path = Path(path)
+    if path.is_dir():
+        raise TokenizerError(f"{path}: is a directory, not a sentencepiece .model file")
     if not path.is_file():
         raise TokenizerError(f"{path}: tokenizer model not found")
     proc = spm.SentencePieceProcessor()
     try:
         proc.load(str(path))
     except (OSError, RuntimeError) as err:
-        raise TokenizerError(f"{path}: not a sentencepiece model: {err}") from err
+        raise TokenizerError(f"{path}: not a sentencepiece model ({_spm_reason(err)})") from None
     return proc
 
 
 def info(path: str | Path) -> TokenizerInfo:
     proc = load(path)
-    return TokenizerInfo(path=str(path), sha256=file_sha256(path),
+    try:
+        sha256 = file_sha256(path)
+    except OSError as err:
+        raise TokenizerError(f"{path}: cannot read: {err.strerror or err}") from None
+    return TokenizerInfo(path=str(path), sha256=sha256,
                          vocab_size=proc.get_piece_size(), bos_id=proc.bos_id(),
                          eos_id=proc.eos_id(), pad_id=proc.pad_id(), unk_id=proc.unk_id())
 
@@ -77,12 +98,84 @@ def train(inputs: list[str], model_prefix: str, vocab_size: int, *, model_type: 
           user_defined_symbols: tuple[str, ...] = (), input_sentence_size: int = 2_000_000,
           text_key: str = "text", txt_unit: str = "paragraph", byte_fallback: bool = True,
           num_threads: int = 2) -> TokenizerInfo:
-    """Train ``<model_prefix>.model`` from text inputs; write and return its info."""
+    """Train ``<model_prefix>.model`` from text inputs; write and return its info.
+
+    Every input is checked first (``check_input``); a failed run removes the directories it
+    created for ``model_prefix``."""
+    if not vocab_size > 0:
+        raise TokenizerError(f"--vocab-size: must be > 0, got {vocab_size}")
+    check_out_dir(Path(model_prefix).parent, f"--model-prefix {model_prefix}", TokenizerError)
     files = expand_inputs(inputs)
+    for path in files:
+        check_input(path, text_key)
+    sentences = _first_checked(_sentences(files, text_key, txt_unit), inputs)
+    created = missing_root(Path(model_prefix).parent)
+    try:
+        return _train(sentences, model_prefix, vocab_size, model_type=model_type,
+                      user_defined_symbols=user_defined_symbols,
+                      input_sentence_size=input_sentence_size, byte_fallback=byte_fallback,
+                      num_threads=num_threads)
+    except DataError:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _first_checked(sentences: Iterator[str], inputs: list[str]) -> Iterator[str]:
+    """``sentences``, after making sure there is at least one."""
+    first = next(sentences, None)
+    if first is None:
+        raise InputError(f"{', '.join(map(str, inputs))}: the inputs hold no text to train a "
+                         f"tokenizer on")
+    return itertools.chain([first], sentences)
+
+
+class _Recorded:
+    """An iterator that keeps the exception it raised: sentencepiece turns it into a
+    RuntimeError, and ``train`` raises the original instead."""
+
+    def __init__(self, iterator: Iterator[str]):
+        self.iterator, self.error = iterator, None
+
+    def __iter__(self):
+        try:
+            yield from self.iterator
+        except Exception as err:
+            self.error = err
+            raise
+
+
+def _train(sentences: Iterator[str], model_prefix: str, vocab_size: int, *, model_type: str,
+           user_defined_symbols: tuple[str, ...], input_sentence_size: int,
+           byte_fallback: bool, num_threads: int) -> TokenizerInfo:
     Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
     symbols = list(dict.fromkeys([*ALWAYS_SYMBOLS, *user_defined_symbols]))
+    recorded = _Recorded(sentences)
+    try:
+        _run_trainer(iter(recorded), model_prefix, vocab_size, model_type=model_type,
+                     symbols=symbols, input_sentence_size=input_sentence_size,
+                     byte_fallback=byte_fallback, num_threads=num_threads)
+    except RuntimeError as err:
+        if recorded.error is not None:
+            raise recorded.error from None
+        raise _training_error(err, model_prefix, vocab_size) from None
+    result = info(f"{model_prefix}.model")
+    Path(f"{model_prefix}.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
+
+
+def _training_error(err: RuntimeError, model_prefix: str, vocab_size: int) -> TokenizerError:
+    reason = _spm_reason(err)
+    if "vocab" in reason.lower():
+        return TokenizerError(f"--vocab-size {vocab_size}: {reason}")
+    return TokenizerError(f"{model_prefix}.model: sentencepiece training failed: {reason}")
+
+
+def _run_trainer(sentences: Iterator[str], model_prefix: str, vocab_size: int, *,
+                 model_type: str, symbols: list[str], input_sentence_size: int,
+                 byte_fallback: bool, num_threads: int) -> None:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(files, text_key, txt_unit), model_prefix=model_prefix,
+        sentence_iterator=sentences, model_prefix=model_prefix,
         vocab_size=vocab_size, model_type=model_type, byte_fallback=byte_fallback,
         user_defined_symbols=symbols, input_sentence_size=input_sentence_size,
         shuffle_input_sentence=True, normalization_rule_name="identity",
@@ -90,9 +183,6 @@ def train(inputs: list[str], model_prefix: str, vocab_size: int, *, model_type: 
         allow_whitespace_only_pieces=True, max_sentence_length=MAX_SENTENCE_BYTES,
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, hard_vocab_limit=False,
         num_threads=num_threads, minloglevel=2, train_extremely_large_corpus=False)
-    result = info(f"{model_prefix}.model")
-    Path(f"{model_prefix}.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-    return result
 
 
 def encode(proc: spm.SentencePieceProcessor, text: str) -> list[int]:

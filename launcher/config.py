@@ -1,9 +1,10 @@
 """The run configuration: typed dataclasses are the schema and hold every default.
 
-YAML files hold only deltas and compose left to right; dotted CLI overrides come last
-(``--optim.lr=3e-4``). Unknown keys, wrong types and inconsistent values fail here, before any
-process group exists, with an error that names the key. Each component is handed only its own
-section (``cfg.model``, ``cfg.data``, ...).
+Each section lives with the component that reads it (``model/config.py``, ``parallel/config.py``,
+``data/config.py``, ``launcher/trainer.py``, ...); this module composes them, loads YAML deltas
+left to right, applies dotted CLI overrides (``--optim.lr=3e-4``) and validates. Unknown keys,
+wrong types and inconsistent values fail here, before any process group exists, with an error
+that names the key. Each component is handed only its own section.
 """
 
 from __future__ import annotations
@@ -17,84 +18,27 @@ from typing import Any, Literal
 
 import yaml
 
-from gptforge.data.config import DataConfig, DataSourceConfig  # noqa: F401 (re-exported)
-from gptforge.model.config import (  # noqa: F401 (re-exported)
-    ModelConfig, default_ffn_hidden_size, padded_vocab_size)
-from gptforge.parallel.config import ParallelConfig  # noqa: F401 (re-exported)
+from gptforge.data.config import DataConfig
+from gptforge.launcher.checkpoint import CheckpointConfig
+from gptforge.launcher.metrics import LoggingConfig
+from gptforge.launcher.rundir import RunConfig
+from gptforge.launcher.trainer import TrainConfig
+from gptforge.model.config import ModelConfig, ModelConfigError, num_query_groups, validate_model
+from gptforge.model.generate import SampleConfig
+from gptforge.parallel.config import ConfigError, OptimConfig, ParallelConfig, PrecisionConfig
+from gptforge.parallel.engine import ENGINES
+from gptforge.parallel.layout import Layout, derive_layout
+from gptforge.parallel.optim import validate_optim
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message starts with the offending key."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"{key}: {message}")
-
-
-@dataclass
-class TrainConfig:
-    train_iters: int = 20
-    micro_batch_size: int = 2
-    global_batch_size: int = 8
-    seed: int = 1234
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    eval_interval: int = 10  # 0: never
-    eval_iters: int = 2
-    log_interval: int = 1
-    initial_loss_scale: float = 2.0**16
-    loss_scale_window: int = 1000
-    min_loss_scale: float = 1.0
-    loss_scale_hysteresis: int = 2  # overflows tolerated before the scale is lowered
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    lr_warmup_iters: int = 2
-    lr_decay_iters: int | None = None  # None: train.train_iters
-    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0  # 0: no clipping
-
-
-@dataclass
-class CheckpointConfig:
-    save_interval: int = 0  # 0: only at the end if save is set
-    save: str = ""  # directory; empty: <run.dir>/checkpoints when save_interval > 0
-    load: str = ""  # directory to resume from; empty: none
-
-
-@dataclass
-class LoggingConfig:
-    mlflow: bool = False
-    mlflow_tracking_uri: str = ""
-    experiment_name: str = "gptforge"
-
-
-@dataclass
-class SampleConfig:
-    """A text sample generated after training (needs data.tokenizer_model; TP=1, PP=1)."""
-
-    prompt: str = ""  # empty: no sample
-    max_new_tokens: int = 48
-    temperature: float = 0.8
-    top_k: int = 20
-
-
-@dataclass
-class RunConfig:
-    dir: str = "runs/default"
-    name: str = ""
+__all__ = ["Config", "ConfigError", "load_config", "dump_config", "validate", "layout_notes",
+           "to_dict"]
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -107,7 +51,9 @@ class Config:
 # ---------------------------------------------------------------- building from dicts
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -125,7 +71,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
                 return _coerce(key, arg, value)
             except ConfigError:
                 continue
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(key, f"expected {type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(key, f"must be one of {list(args)}, got {value!r}")
@@ -192,6 +138,19 @@ def _merge(base: dict, delta: dict) -> dict:
     return out
 
 
+def field_type(dotted: list[str]) -> Any:
+    """The annotation of ``section.key`` (None when the path names no field)."""
+    tp: Any = Config
+    for part in dotted:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     body = text[2:] if text.startswith("--") else text
     if "=" not in body:
@@ -201,28 +160,30 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(str(path), "config file not found")
+    try:
+        delta = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(str(path), f"not valid YAML: {err}") from None
+    if not isinstance(delta, dict):
+        raise ConfigError(str(path), "a config file must hold a mapping of sections")
+    return delta
+
+
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
-    """Defaults ← each YAML file in order ← each ``section.key=value`` override; validated."""
+    """Defaults ← each YAML file in order ← each ``section.key=value`` override."""
     merged: dict = {}
     for path in files:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(str(path), "config file not found")
-        try:
-            delta = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(str(path), f"not valid YAML: {err}") from err
-        if not isinstance(delta, dict):
-            raise ConfigError(str(path), "a config file must hold a mapping of sections")
-        merged = _merge(merged, delta)
+        merged = _merge(merged, _read_yaml(Path(path)))
     for text in overrides:
         parts, value = _parse_override(text)
         delta: dict = value
         for part in reversed(parts):
             delta = {part: delta}
         merged = _merge(merged, delta)
-    cfg = _build(Config, merged)
-    return cfg
+    return _build(Config, merged)
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
@@ -233,86 +194,67 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 # ---------------------------------------------------------------- validation
 
 
-@dataclass(frozen=True)
-class Derived:
-    """Values that follow from the config and the world size."""
+def _validate_train(cfg: Config) -> None:
+    t = cfg.train
+    for key in ("train_iters", "micro_batch_size", "global_batch_size", "log_interval"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    for key in ("eval_interval", "eval_iters"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    p = cfg.precision
+    if p.dtype == "fp16":
+        for key in ("initial_loss_scale", "min_loss_scale", "loss_scale_window",
+                    "loss_scale_hysteresis"):
+            if not getattr(p, key) > 0:
+                raise ConfigError(f"precision.{key}", f"must be > 0, got {getattr(p, key)}")
 
-    data_parallel_size: int
-    num_microbatches: int
-    padded_vocab_size: int
-    num_query_groups: int
-    ffn_hidden_size: int
-    notes: tuple[str, ...] = ()
 
-
-def validate(cfg: Config, world_size: int) -> Derived:
-    """Check cross-field consistency for ``world_size`` ranks; every error names its key."""
-    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    vpp = p.virtual_pipeline_model_parallel_size
-    for key, value in [
-        ("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
-        ("model.num_attention_heads", m.num_attention_heads), ("model.seq_length", m.seq_length),
-        ("model.vocab_size", m.vocab_size), ("parallel.tensor_model_parallel_size", tp),
-        ("parallel.pipeline_model_parallel_size", pp), ("train.train_iters", t.train_iters),
-        ("train.micro_batch_size", t.micro_batch_size),
-        ("train.global_batch_size", t.global_batch_size), ("train.log_interval", t.log_interval),
-    ]:
-        if value < 1:
-            raise ConfigError(key, f"must be >= 1, got {value}")
-    if m.hidden_size % m.num_attention_heads:
-        raise ConfigError("model.hidden_size", f"{m.hidden_size} is not divisible by "
-                          f"model.num_attention_heads={m.num_attention_heads}")
-    if m.num_attention_heads % tp:
-        raise ConfigError("model.num_attention_heads", f"{m.num_attention_heads} heads are not "
-                          f"divisible by parallel.tensor_model_parallel_size={tp}")
-    groups = m.num_query_groups or m.num_attention_heads
-    if m.num_attention_heads % groups:
-        raise ConfigError("model.num_query_groups", f"{groups} does not divide "
-                          f"model.num_attention_heads={m.num_attention_heads}")
-    if groups % tp:
-        raise ConfigError("model.num_query_groups", f"{groups} query groups are not divisible by "
-                          f"parallel.tensor_model_parallel_size={tp}")
-    if world_size % (tp * pp):
-        raise ConfigError("parallel", f"world size {world_size} is not a multiple of "
-                          f"tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp}")
-    dp = world_size // (tp * pp)
-    if vpp is not None:
-        if vpp < 1:
-            raise ConfigError("parallel.virtual_pipeline_model_parallel_size", f"must be >= 1, got {vpp}")
-        if pp < 2 and vpp > 1:
-            raise ConfigError("parallel.virtual_pipeline_model_parallel_size",
-                              "needs parallel.pipeline_model_parallel_size >= 2")
-    chunks = pp * (vpp or 1)
-    if m.num_layers % chunks:
-        raise ConfigError("model.num_layers", f"{m.num_layers} layers are not divisible by "
-                          f"pipeline_model_parallel_size x virtual_pipeline_model_parallel_size"
-                          f" = {chunks}")
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError("train.global_batch_size", f"{t.global_batch_size} is not divisible by "
-                          f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
-    num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
-    if vpp and vpp > 1 and num_microbatches % pp:
-        raise ConfigError("train.global_batch_size", f"interleaved pipeline needs the number of "
-                          f"micro-batches ({num_microbatches}) to be a multiple of "
-                          f"parallel.pipeline_model_parallel_size={pp}")
-    if p.sequence_parallel and tp == 1:
-        raise ConfigError("parallel.sequence_parallel", "needs tensor_model_parallel_size > 1")
-    if o.min_lr > o.lr:
-        raise ConfigError("optim.min_lr", f"{o.min_lr} is larger than optim.lr={o.lr}")
-    if o.lr_warmup_iters > (o.lr_decay_iters or t.train_iters):
-        raise ConfigError("optim.lr_warmup_iters", f"{o.lr_warmup_iters} exceeds the decay length")
+def _validate_io(cfg: Config, layout: Layout) -> None:
+    if cfg.parallel.engine not in ENGINES:
+        raise ConfigError("parallel.engine", f"{cfg.parallel.engine!r} is not available in this "
+                          f"version (available: {', '.join(sorted(ENGINES))})")
     if cfg.data.source == "webdataset" and not cfg.data.sources:
         raise ConfigError("data.sources", "data.source=webdataset needs at least one source")
-    if cfg.sample.prompt and (tp > 1 or pp > 1):
+    if cfg.data.num_workers < 0:
+        raise ConfigError("data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
+    if cfg.sample.prompt and (layout.tensor_model_parallel_size > 1
+                              or layout.pipeline_model_parallel_size > 1):
         raise ConfigError("sample.prompt", "generation needs tensor and pipeline parallel size 1")
     if cfg.sample.prompt and not cfg.data.tokenizer_model:
         raise ConfigError("sample.prompt", "needs data.tokenizer_model to encode the prompt")
-    notes = []
-    vocab = padded_vocab_size(m, tp)
-    if vocab != m.vocab_size:
-        notes.append(f"model.vocab_size: padded {m.vocab_size} -> {vocab} (multiple of "
-                     f"model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} and TP={tp})")
-    return Derived(data_parallel_size=dp, num_microbatches=num_microbatches,
-                   padded_vocab_size=vocab, num_query_groups=groups,
-                   ffn_hidden_size=default_ffn_hidden_size(m), notes=tuple(notes))
+    if cfg.sample.max_new_tokens < 1:
+        raise ConfigError("sample.max_new_tokens", f"must be >= 1, got {cfg.sample.max_new_tokens}")
+    if not cfg.run.dir:
+        raise ConfigError("run.dir", "must name a directory")
+
+
+def validate(cfg: Config, world_size: int) -> Layout:
+    """Check ``cfg`` for ``world_size`` ranks and return the layout; every error names its key."""
+    try:
+        validate_model(cfg.model)
+    except ModelConfigError as err:
+        raise ConfigError(err.key, err.detail) from None
+    _validate_train(cfg)
+    validate_optim(cfg.optim, cfg.train.train_iters)
+    m, t = cfg.model, cfg.train
+    layout = derive_layout(cfg.parallel, world_size=world_size, num_layers=m.num_layers,
+                           num_attention_heads=m.num_attention_heads,
+                           num_query_groups=num_query_groups(m), vocab_size=m.vocab_size,
+                           make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
+                           micro_batch_size=t.micro_batch_size,
+                           global_batch_size=t.global_batch_size)
+    _validate_io(cfg, layout)
+    return layout
+
+
+def layout_notes(cfg: Config, layout: Layout) -> list[str]:
+    """What the user should know about values derived from the config."""
+    notes = [f"layout: {layout.describe()}, {layout.num_microbatches} micro-batches of "
+             f"{layout.micro_batch_size} per step and data-parallel rank"]
+    if layout.padded_vocab_size != cfg.model.vocab_size:
+        notes.append(f"model.vocab_size: padded {cfg.model.vocab_size} -> "
+                     f"{layout.padded_vocab_size} (multiple of model.make_vocab_size_divisible_by="
+                     f"{cfg.model.make_vocab_size_divisible_by} and TP="
+                     f"{layout.tensor_model_parallel_size})")
+    return notes

@@ -10,9 +10,18 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from gptforge.launcher.config import LoggingConfig
+
+@dataclass
+class LoggingConfig:
+    mlflow: bool = False
+    """Also record params and metrics in MLflow (logging rank only)."""
+    mlflow_tracking_uri: str = ""
+    """MLflow tracking URI; empty: MLflow's default."""
+    experiment_name: str = "gptforge"
+    """MLflow experiment."""
 
 
 class NullSink:
@@ -60,6 +69,8 @@ class MetricsSink:
     def log(self, record: dict) -> None:
         record = {"time": time.time(), **record}
         self._file.write(json.dumps(record) + "\n")
+        if "event" in record:
+            return  # a marker in metrics.jsonl (restart, stop), not a metric
         parts = [f"step {record['step']:>6}"] + [_fmt(k, record[k]) for k in self.CONSOLE_KEYS
                                                  if record.get(k) is not None]
         if record.get("skipped"):

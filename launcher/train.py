@@ -1,20 +1,46 @@
-"""Per-rank entry: config → process groups → model → engine → batches → the loop → metrics.
+"""Per-rank entry: config → checks → process groups → model → engine → batches → loop → metrics.
 
 Run directly (one process, or one rank under torchrun/srun/deepspeed):
     python -m gptforge.launcher.train --config configs/tiny.yaml --train.train_iters=5
+
+Everything that can be checked without a model (config, run dir, data, tokenizer) is checked
+first, by ``preflight``, which the local launcher also runs before any rank starts.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptforge.launcher.config import Config, Derived, dump_config, load_config, to_dict, validate
+from gptforge.launcher.config import Config, dump_config, layout_notes, load_config, to_dict, validate
+from gptforge.launcher.errors import EXIT_OK, report
+from gptforge.launcher.overrides import parse_train_args
+from gptforge.launcher.rundir import check_run_dir, refuse_previous_run, replace_previous_run
 from gptforge.launcher.throughput import flops_per_token, peak_tflops_per_device
+from gptforge.parallel.layout import Layout
 
 
-def build_batches(cfg: Config, derived: Derived, ctx, split: str):
+@dataclass
+class RunResult:
+    records: list[dict] = field(default_factory=list)  # logged records (logging rank only)
+    last_step: int = 0
+    stopped_by: str = ""  # the signal that stopped the run early, if any
+
+
+def preflight(cfg: Config, world_size: int, *, is_run_dir_owner: bool) -> Layout:
+    """Config, run dir, data and tokenizer checks: cheap, no model, no process group."""
+    from gptforge.data.preflight import check_data
+
+    layout = validate(cfg, world_size)
+    if is_run_dir_owner:
+        refuse_previous_run(check_run_dir(cfg.run.dir), overwrite=cfg.run.overwrite,
+                            resuming=False)
+    check_data(cfg.data, seq_length=cfg.model.seq_length, vocab_size=cfg.model.vocab_size)
+    return layout
+
+
+def build_batches(cfg: Config, layout: Layout, ctx, split: str):
     """This DP rank's micro-batch iterator for ``split`` (mock or WebDataset shards)."""
     kwargs = dict(split=split, seq_length=cfg.model.seq_length,
                   micro_batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp_rank,
@@ -28,23 +54,25 @@ def build_batches(cfg: Config, derived: Derived, ctx, split: str):
     return build_loader(cfg.data, **kwargs)
 
 
-def build_engine(cfg: Config, derived: Derived, ctx):
+def build_engine(cfg: Config, layout: Layout, ctx):
+    """This rank's model chunks inside the engine ``parallel.engine`` names."""
     from gptforge.model.config import transformer_config
     from gptforge.model.gpt import build_gpt
-    from gptforge.parallel.megatron_engine import MegatronEngine
+    from gptforge.parallel.engine import engine_class
+    from gptforge.parallel.layout import transformer_layout_fields
 
-    if cfg.parallel.engine != "megatron":
-        raise NotImplementedError("parallel.engine: only 'megatron' is implemented so far")
-    tcfg = transformer_config(cfg.model, cfg.parallel, cfg.train.precision,
-                              on_cpu=ctx.device.type == "cpu")
-    chunks = build_gpt(cfg.model, tcfg, padded_vocab_size=derived.padded_vocab_size,
+    tcfg = transformer_config(
+        cfg.model, params_dtype=cfg.precision.torch_dtype,
+        layout_fields=transformer_layout_fields(cfg.parallel, on_cpu=ctx.device.type == "cpu"))
+    chunks = build_gpt(cfg.model, tcfg, padded_vocab_size=layout.padded_vocab_size,
                        pp_rank=ctx.pp_rank, pp_size=ctx.pp_size, vpp_size=ctx.vpp_size,
                        seed=cfg.train.seed)
-    return MegatronEngine(chunks, tcfg, ctx, cfg.optim, cfg.train,
-                          cfg.parallel.use_distributed_optimizer, cfg.model.seq_length)
+    return engine_class(cfg.parallel.engine)(
+        chunks, tcfg, ctx, parallel=cfg.parallel, precision=cfg.precision, optim=cfg.optim,
+        train_iters=cfg.train.train_iters, seq_length=cfg.model.seq_length)
 
 
-def write_sample(cfg: Config, model, derived: Derived, is_logging_rank: bool) -> None:
+def write_sample(cfg: Config, model, is_logging_rank: bool) -> None:
     """Generate from ``cfg.sample.prompt``; the logging rank prints it and writes sample.txt."""
     from gptforge.data import tokenizer
     from gptforge.model.generate import generate
@@ -60,79 +88,90 @@ def write_sample(cfg: Config, model, derived: Derived, is_logging_rank: bool) ->
         print(f"[gptforge] sample:\n{text}", flush=True)
 
 
-def run(cfg: Config) -> list[dict]:
-    """Train on this rank; returns the logged records (empty except on the logging rank)."""
+def _start_run_dir(cfg: Config) -> None:
+    """Rank 0, before the model: refuse or replace a previous run, write config.yaml."""
+    path = check_run_dir(cfg.run.dir)
+    if refuse_previous_run(path, overwrite=cfg.run.overwrite, resuming=False):
+        replace_previous_run(path)
+    dump_config(cfg, path / "config.yaml")
+
+
+def run(cfg: Config) -> RunResult:
+    """Train on this rank (stops early, at one step on every rank, after SIGTERM/INT/USR1)."""
     from gptforge.launcher.metrics import build_sink
+    from gptforge.launcher.signals import StopRequest
     from gptforge.launcher.trainer import Throughput, train
-    from gptforge.parallel.context import destroy_model_parallel, init_parallel, world_size_from_env
+    from gptforge.parallel.context import (any_rank, check_launch_env, destroy_model_parallel,
+                                           env_rank_info, init_parallel)
     from gptforge.parallel.seeding import set_seed
 
-    derived = validate(cfg, world_size_from_env())
+    rank, world_size, _ = env_rank_info()
+    check_launch_env(rank, world_size)
+    layout = validate(cfg, world_size)
+    if rank == 0:
+        _start_run_dir(cfg)
+    from gptforge.data.preflight import check_data
+
+    notes = check_data(cfg.data, seq_length=cfg.model.seq_length, vocab_size=cfg.model.vocab_size)
+    stop = StopRequest(announce=rank == 0).install()
     ctx = init_parallel(cfg.parallel)
     try:
-        if ctx.rank == 0:
-            dump_config(cfg, Path(cfg.run.dir) / "config.yaml")
-            for note in derived.notes:
+        if rank == 0:
+            for note in [*layout_notes(cfg, layout), *notes]:
                 print(f"[gptforge] {note}", flush=True)
         set_seed(cfg.train.seed, ctx.pp_rank)
-        engine = build_engine(cfg, derived, ctx)
+        if rank == 0:
+            print(f"[gptforge] building the model ({cfg.parallel.engine} engine)", flush=True)
+        engine = build_engine(cfg, layout, ctx)
         sink = build_sink(cfg.run.dir, cfg.logging, ctx.is_logging_rank)
         sink.log_params({f"{s}.{k}": v for s, sec in to_dict(cfg).items()
                          for k, v in sec.items()})
         throughput = Throughput(
             tokens_per_step=cfg.train.global_batch_size * cfg.model.seq_length,
-            flops_per_token=flops_per_token(cfg.model, derived.padded_vocab_size),
+            flops_per_token=flops_per_token(cfg.model, layout.padded_vocab_size),
             world_size=ctx.world_size,
-            peak_tflops_per_device=peak_tflops_per_device(cfg.train.precision))
-        records = train(engine, iter(build_batches(cfg, derived, ctx, "train")), cfg.train,
-                        num_microbatches=derived.num_microbatches, throughput=throughput,
-                        sink=sink,
-                        make_valid_iter=lambda: iter(build_batches(cfg, derived, ctx, "valid")))
-        if cfg.sample.prompt:
-            write_sample(cfg, engine.model_chunks[0], derived, ctx.is_logging_rank)
+            peak_tflops_per_device=peak_tflops_per_device(cfg.precision.dtype))
+        loop = train(engine, iter(build_batches(cfg, layout, ctx, "train")), cfg.train,
+                     num_microbatches=layout.num_microbatches, throughput=throughput, sink=sink,
+                     make_valid_iter=lambda: iter(build_batches(cfg, layout, ctx, "valid")),
+                     should_stop=lambda step: any_rank(ctx, stop.requested))
+        result = RunResult(records=loop.records if ctx.is_logging_rank else [],
+                           last_step=loop.last_step,
+                           stopped_by=stop.signal_name if loop.stopped_early else "")
+        if result.stopped_by:
+            sink.log({"event": "stopped", "step": loop.last_step, "signal": result.stopped_by})
+            if ctx.rank == 0:
+                print(f"[gptforge] stopped by {result.stopped_by} after step {loop.last_step}",
+                      flush=True)
+        elif cfg.sample.prompt:
+            write_sample(cfg, engine.model_chunks[0], ctx.is_logging_rank)
         sink.close()
-        return records if ctx.is_logging_rank else []
+        return result
     finally:
+        stop.uninstall()
         destroy_model_parallel()
 
 
-def parse_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """``--config a.yaml b.yaml`` plus ``--section.key=value`` overrides."""
-    parser = argparse.ArgumentParser(prog="gptforge train")
-    parser.add_argument("--config", nargs="*", default=[])
-    args, rest = parser.parse_known_args(argv)
-    overrides = _join_values(rest)
-    bad = [a for a in overrides if not (a.startswith("--") and "." in a.split("=", 1)[0])]
-    if bad:
-        parser.error(f"unrecognised arguments: {' '.join(bad)} (overrides look like --optim.lr=3e-4)")
-    return args.config, overrides
+def exit_code(result: RunResult) -> int:
+    import signal
 
-
-def _join_values(rest: list[str]) -> list[str]:
-    """Accept ``--a.b=1`` and ``--a.b 1``."""
-    out, i = [], 0
-    while i < len(rest):
-        if "=" in rest[i]:
-            out.append(rest[i])
-            i += 1
-        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-            out.append(f"{rest[i]}={rest[i + 1]}")
-            i += 2
-        else:
-            out.append(f"{rest[i]}=true")
-            i += 1
-    return out
+    return 128 + signal.Signals[result.stopped_by] if result.stopped_by else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gptforge.parallel.context import destroy_parallel
+    from gptforge.parallel.context import destroy_parallel, env_rank_info
 
-    files, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    rank, world_size, _ = env_rank_info()
     try:
-        run(load_config(files, overrides))
+        files, overrides = parse_train_args(sys.argv[1:] if argv is None else argv,
+                                            prog="gptforge.launcher.train")
+        return exit_code(run(load_config(files, overrides)))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 (every failure ends in one line, see errors.py)
+        return report(exc, rank, world_size)
     finally:
         destroy_parallel()
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,19 +1,36 @@
-"""The one training loop, shared by pre-training and fine-tuning.
+"""The one training loop, shared by pre-training and fine-tuning, and its ``train`` section.
 
-It sees an Engine (train_step/eval_step), batch iterators, and a metrics sink — nothing of
-megatron, DeepSpeed or process groups.
+It sees an Engine (train_step/eval_step), batch iterators, a metrics sink and a stop check —
+nothing of megatron, DeepSpeed or process groups.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from gptforge.launcher.config import TrainConfig
 from gptforge.launcher.throughput import memory_bytes
 from gptforge.parallel.engine import Engine
+
+
+@dataclass
+class TrainConfig:
+    train_iters: int = 20
+    """Optimizer steps to train for (the run's last step)."""
+    micro_batch_size: int = 2
+    """Sequences per micro-batch on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all ranks (micro-batches accumulate up to it)."""
+    seed: int = 1234
+    """Seed of the weights, dropout and data order (the same for every layout)."""
+    eval_interval: int = 10
+    """Validate every this many steps (and after the last); 0: never."""
+    eval_iters: int = 2
+    """Global batches per validation."""
+    log_interval: int = 1
+    """Log a metrics record every this many steps (and the last)."""
 
 
 @dataclass
@@ -31,6 +48,13 @@ class Throughput:
                 "step_time_s": step_seconds}
 
 
+@dataclass
+class LoopResult:
+    records: list[dict] = field(default_factory=list)  # what was logged (logging rank)
+    last_step: int = 0  # the last step completed
+    stopped_early: bool = False  # should_stop ended the loop before train_iters
+
+
 def _take(it: Iterator[dict], n: int) -> list[dict]:
     return [next(it) for _ in range(n)]
 
@@ -38,35 +62,40 @@ def _take(it: Iterator[dict], n: int) -> list[dict]:
 def evaluate(engine: Engine, valid_iter: Iterator[dict], num_microbatches: int,
              eval_iters: int) -> float | None:
     losses = [engine.eval_step(_take(valid_iter, num_microbatches)) for _ in range(eval_iters)]
-    return None if losses[0] is None else sum(losses) / len(losses)
+    return None if not losses or losses[0] is None else sum(losses) / len(losses)
 
 
 def train(engine: Engine, train_iter: Iterator[dict], cfg: TrainConfig, *, num_microbatches: int,
           throughput: Throughput, sink, make_valid_iter: Callable[[], Iterator[dict]] | None = None,
-          start_step: int = 0, on_step_end: Callable[[int], None] | None = None) -> list[dict]:
-    """Run steps start_step+1 .. cfg.train_iters; return the records logged (logging rank)."""
-    records = []
+          start_step: int = 0, should_stop: Callable[[int], bool] | None = None) -> LoopResult:
+    """Run steps start_step+1 .. cfg.train_iters.
+
+    ``should_stop(step)`` is called after every step (all ranks call it at the same point, so it
+    may run a collective); when it returns True the loop ends after that step.
+    """
+    result = LoopResult(last_step=start_step)
 
     def emit(record: dict) -> None:
-        records.append(record)
+        result.records.append(record)
         sink.log(record)
 
     for step in range(start_step + 1, cfg.train_iters + 1):
         start = time.perf_counter()
         micro_batches = _take(train_iter, num_microbatches)
-        result = engine.train_step(micro_batches)
+        out = engine.train_step(micro_batches)
         elapsed = time.perf_counter() - start
-        if step % cfg.log_interval == 0 or step == cfg.train_iters:
-            emit({"step": step, "loss": result.loss, "lr": result.lr,
-                  "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
-                  "skipped": result.skipped, **throughput.record(elapsed),
-                  "mem_bytes": memory_bytes()})
         last = step == cfg.train_iters
+        if step % cfg.log_interval == 0 or last:
+            emit({"step": step, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
+                  "loss_scale": out.loss_scale, "skipped": out.skipped,
+                  **throughput.record(elapsed), "mem_bytes": memory_bytes()})
         if make_valid_iter and cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
             val_loss = evaluate(engine, make_valid_iter(), num_microbatches, cfg.eval_iters)
             if val_loss is not None:
                 emit({"step": step, "val_loss": val_loss,
                       "val_ppl": math.exp(min(val_loss, 50.0))})
-        if on_step_end:
-            on_step_end(step)
-    return records
+        result.last_step = step
+        if should_stop is not None and should_stop(step) and not last:
+            result.stopped_early = True
+            break
+    return result

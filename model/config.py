@@ -1,52 +1,94 @@
-"""The ``model`` config section, and ModelConfig (+ parallel/precision facts) → TransformerConfig.
+"""The ``model`` section (the network's shape) and ModelConfig → megatron TransformerConfig.
 
-The TransformerConfig is generated here, never written by hand. Layout-dependent fields come
-from the ``parallel`` section; everything about the network comes from the ``model`` section.
+The TransformerConfig is generated here, never written by hand: the network's fields come from
+ModelConfig, the layout's from ``gptforge.parallel.layout.transformer_layout_fields`` (passed
+in by the caller), so this module knows nothing of parallelism.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from gptforge.parallel.config import ParallelConfig
+
+class ModelConfigError(ValueError):
+    """A model shape that cannot be built; ``key`` names the setting at fault."""
+
+    def __init__(self, key: str, message: str):
+        self.key, self.detail = key, message
+        super().__init__(f"{key}: {message}")
 
 
 @dataclass
 class ModelConfig:
     num_layers: int = 4
+    """Transformer layers."""
     hidden_size: int = 128
+    """Model width (d_model)."""
     num_attention_heads: int = 4
-    num_query_groups: int | None = None  # None: multi-head attention (== num_attention_heads)
-    ffn_hidden_size: int | None = None  # None: 4 * hidden_size (gelu) or 8/3 rounded (swiglu)
+    """Attention heads per layer."""
+    num_query_groups: int | None = None
+    """Key/value heads (grouped-query attention); None: one per attention head."""
+    ffn_hidden_size: int | None = None
+    """MLP width; None: 4 x hidden_size (gelu) or 8/3 x hidden_size rounded to 64 (swiglu)."""
     seq_length: int = 128
+    """Tokens per training sequence (the context length)."""
     vocab_size: int = 512
+    """Tokenizer vocabulary; padded for the embedding (see make_vocab_size_divisible_by)."""
     make_vocab_size_divisible_by: int = 128
+    """Pad the embedding's vocabulary to a multiple of this (and of TP)."""
     position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"
+    """Learned absolute positions (GPT-2) or rotary embeddings (Llama)."""
     rotary_base: int = 10000
+    """RoPE base frequency."""
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    """Norm layer type."""
     layernorm_epsilon: float = 1e-5
+    """Norm epsilon."""
     activation: Literal["gelu", "swiglu"] = "gelu"
+    """MLP activation: gelu (GPT-2) or swiglu (gated, Llama)."""
     tie_embeddings: bool = True
+    """Share the input embedding and the output layer's weight."""
     add_bias_linear: bool = True
+    """Biases in the linear layers."""
     hidden_dropout: float = 0.0
+    """Dropout after attention and MLP."""
     attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
     init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
     attention_backend: Literal["auto", "sdpa", "local", "te"] = "auto"
+    """Layer implementation: te (Transformer Engine, GPU), sdpa (torch SDPA), local (megatron's
+    unfused attention); auto: te where available, else sdpa."""
 
 
-def padded_vocab_size(model: ModelConfig, tensor_model_parallel_size: int) -> int:
-    """Pad to a multiple of ``make_vocab_size_divisible_by`` and of TP.
+def validate_model(model: ModelConfig) -> None:
+    """Checks of the shape alone (the layout's checks are in parallel/layout.py)."""
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
+                "make_vocab_size_divisible_by"):
+        if getattr(model, key) < 1:
+            raise ModelConfigError(f"model.{key}", f"must be >= 1, got {getattr(model, key)}")
+    if model.hidden_size % model.num_attention_heads:
+        raise ModelConfigError("model.hidden_size", f"{model.hidden_size} is not divisible by "
+                               f"model.num_attention_heads={model.num_attention_heads}")
+    groups = num_query_groups(model)
+    if groups < 1 or model.num_attention_heads % groups:
+        raise ModelConfigError("model.num_query_groups", f"{groups} does not divide "
+                               f"model.num_attention_heads={model.num_attention_heads}")
+    if model.ffn_hidden_size is not None and model.ffn_hidden_size < 1:
+        raise ModelConfigError("model.ffn_hidden_size", f"must be >= 1, got {model.ffn_hidden_size}")
+    for key in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(model, key) < 1.0:
+            raise ModelConfigError(f"model.{key}", f"must be in [0, 1), got {getattr(model, key)}")
+    if model.init_method_std <= 0:
+        raise ModelConfigError("model.init_method_std", f"must be > 0, got {model.init_method_std}")
 
-    The multiple does not depend on TP while TP divides ``make_vocab_size_divisible_by``, so the
-    padded vocabulary (which enters the softmax) is the same for every layout.
-    """
-    multiple = math.lcm(model.make_vocab_size_divisible_by, tensor_model_parallel_size)
-    return -(-model.vocab_size // multiple) * multiple
+
+def num_query_groups(model: ModelConfig) -> int:
+    return model.num_query_groups or model.num_attention_heads
 
 
 def default_ffn_hidden_size(model: ModelConfig) -> int:
@@ -57,28 +99,18 @@ def default_ffn_hidden_size(model: ModelConfig) -> int:
     return 4 * model.hidden_size
 
 
-PARAMS_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _recompute_fields(recompute: str) -> dict:
-    if recompute == "full":
-        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if recompute == "selective":
-        return dict(recompute_granularity="selective")
-    return {}
-
-
-def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: str,
-                       on_cpu: bool) -> "TransformerConfig":
+def transformer_config(model: ModelConfig, *, params_dtype: torch.dtype,
+                       layout_fields: dict) -> "TransformerConfig":
+    """megatron's TransformerConfig: the network from ``model``, the layout from
+    ``layout_fields`` (``parallel.layout.transformer_layout_fields``)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from gptforge.model.specs import resolve_backend
 
-    if parallel.sequence_parallel and resolve_backend(model) != "te":
-        raise ValueError("parallel.sequence_parallel: needs Transformer Engine layers (megatron's "
-                         "local torch norm refuses sequence parallelism)")
+    if layout_fields.get("sequence_parallel") and resolve_backend(model) != "te":
+        raise ModelConfigError("parallel.sequence_parallel", "needs Transformer Engine layers "
+                               "(megatron's local torch norm refuses sequence parallelism)")
     swiglu = model.activation == "swiglu"
-    vpp = parallel.virtual_pipeline_model_parallel_size
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -95,25 +127,19 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
-        sequence_parallel=parallel.sequence_parallel,
-        params_dtype=PARAMS_DTYPE[precision],
-        pipeline_dtype=PARAMS_DTYPE[precision],
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
         # Every rank builds the same master weight: exact TP comparisons, layout-free init.
         use_cpu_initialization=True,
         perform_initialization=True,
-        # gloo matches sends/receives by arrival order: batched p2p with VPP gives wrong results.
-        batch_p2p_comm=not on_cpu,
-        batch_p2p_sync=not on_cpu,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
-        **_recompute_fields(parallel.recompute),
+        cuda_graph_scope=[],  # the default "full" only prints a deprecation warning
+        **layout_fields,
     )

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class SampleConfig:
+    """A text sample generated after training (needs data.tokenizer_model; TP=1, PP=1)."""
+
+    prompt: str = ""
+    """Text to continue after training; empty: no sample."""
+    max_new_tokens: int = 48
+    """Tokens to generate."""
+    temperature: float = 0.8
+    """Sampling temperature; 0: greedy."""
+    top_k: int = 20
+    """Sample among the k most likely tokens."""
 
 
 @torch.no_grad()

@@ -1,18 +1,87 @@
-"""The ``parallel`` config section (defaults; validated in launcher/config.py)."""
+"""The sections the engines own: ``parallel`` (layout), ``precision`` and ``optim``.
+
+Defaults live here; each field's docstring is what ``gptforge train --help`` prints.
+Cross-field checks that need the world size are in ``gptforge.parallel.layout``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``key`` names the setting at fault and starts the message."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")
 
 
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
+    """Tensor parallel size (TP): each layer's matrices are split over this many ranks."""
     pipeline_model_parallel_size: int = 1
+    """Pipeline parallel size (PP): the layers are split into this many stages."""
     virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline stage (interleaved 1F1B); None: one chunk."""
     sequence_parallel: bool = False
+    """Split norms and dropout along the sequence over the TP ranks (needs TP > 1)."""
     use_distributed_optimizer: bool = False
+    """Shard the optimizer state over the data-parallel ranks (megatron engine)."""
     recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: none, selective (attention core) or full (every layer)."""
     engine: Literal["megatron", "deepspeed"] = "megatron"
+    """Training engine: megatron-core (DDP / distributed optimizer) or DeepSpeed ZeRO."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend; auto: nccl with GPUs, gloo on CPU."""
+    distributed_timeout_minutes: int = 10
+    """How long a collective waits for a missing rank before the run fails."""
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter/compute dtype; bf16 and fp16 keep fp32 master weights in the optimizer."""
+    initial_loss_scale: float = 2.0**16
+    """fp16: the dynamic loss scale to start from."""
+    loss_scale_window: int = 1000
+    """fp16: steps without overflow before the loss scale is raised."""
+    min_loss_scale: float = 1.0
+    """fp16: the loss scale never drops below this."""
+    loss_scale_hysteresis: int = 2
+    """fp16: overflows tolerated before the loss scale is lowered."""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate (reached after the warmup)."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    lr_warmup_iters: int = 2
+    """Steps of linear warmup from 0 to lr."""
+    lr_decay_iters: int | None = None
+    """Steps over which lr decays to min_lr; None: train.train_iters."""
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this; 0: no clipping."""

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from gptforge.parallel import cpu_compat
+
+
+class LaunchError(RuntimeError):
+    """The environment of a rank is wrong (missing MASTER_ADDR, ...); the message says what."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,7 @@ class ParallelContext:
     dp_size: int
     device: torch.device
     backend: str
+    control_group: Any = None  # gloo group over all ranks for small CPU collectives
 
     @property
     def is_logging_rank(self) -> bool:
@@ -55,6 +62,39 @@ def world_size_from_env() -> int:
     return env_rank_info()[1]
 
 
+def free_port() -> int:
+    """A TCP port free on this host right now (for MASTER_PORT of a local launch)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_node(world_size: int) -> bool:
+    env = os.environ
+    if "LOCAL_WORLD_SIZE" in env:
+        return int(env["LOCAL_WORLD_SIZE"]) == world_size
+    if "SLURM_NNODES" in env:
+        return int(env["SLURM_NNODES"]) == 1
+    return world_size == 1
+
+
+def check_launch_env(rank: int, world_size: int) -> None:
+    """Fail early (before any model) when a multi-node rank lacks MASTER_ADDR."""
+    if "MASTER_ADDR" not in os.environ and not _single_node(world_size):
+        raise LaunchError(f"MASTER_ADDR is not set for a multi-node run of {world_size} "
+                          f"ranks (rank {rank}): set it to the first node's address")
+
+
+def _set_master_env(rank: int, world_size: int) -> None:
+    """MASTER_ADDR/PORT: required for a multi-node run; defaulted on one node."""
+    check_launch_env(rank, world_size)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # one node: this host
+    if "MASTER_PORT" not in os.environ:
+        if world_size > 1:
+            raise LaunchError(f"MASTER_PORT is not set for a multi-rank run (rank {rank})")
+        os.environ["MASTER_PORT"] = str(free_port())
+
+
 def _choose_backend(requested: str) -> str:
     if requested != "auto":
         return requested
@@ -66,15 +106,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 10) -> tuple[
     rank, world_size, local_rank = env_rank_info()
     backend = _choose_backend(backend)
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world_size > 1:
-                raise RuntimeError("MASTER_PORT is not set for a multi-rank run (rank %d)" % rank)
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        _set_master_env(rank, world_size)
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
@@ -85,7 +117,8 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 10) -> tuple[
 def init_parallel(cfg_parallel, backend: str | None = None) -> ParallelContext:
     """torch.distributed + megatron model-parallel groups for the ``parallel`` config section."""
     cpu_compat.apply()
-    rank, world_size, local_rank, backend = init_distributed(backend or cfg_parallel.backend)
+    rank, world_size, local_rank, backend = init_distributed(
+        backend or cfg_parallel.backend, cfg_parallel.distributed_timeout_minutes)
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
@@ -105,7 +138,27 @@ def init_parallel(cfg_parallel, backend: str | None = None) -> ParallelContext:
         vpp_size=vpp if vpp and vpp > 1 else None,
         dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
         device=device, backend=backend,
+        control_group=dist.group.WORLD if backend == "gloo" else _gloo_world_group(),
     )
+
+
+_GLOO_WORLD = None
+
+
+def _gloo_world_group():
+    global _GLOO_WORLD
+    if _GLOO_WORLD is None:
+        _GLOO_WORLD = dist.new_group(backend="gloo")
+    return _GLOO_WORLD
+
+
+def any_rank(ctx: ParallelContext, flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any rank (a collective over all ranks)."""
+    if ctx.world_size == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=ctx.control_group)
+    return bool(value.item())
 
 
 def destroy_model_parallel() -> None:
@@ -117,6 +170,8 @@ def destroy_model_parallel() -> None:
 
 
 def destroy_parallel() -> None:
+    global _GLOO_WORLD
     destroy_model_parallel()
+    _GLOO_WORLD = None
     if dist.is_initialized():
         dist.destroy_process_group()

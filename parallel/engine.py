@@ -1,7 +1,12 @@
-"""The one interface the trainer drives; megatron_engine and (later) deepspeed_engine implement it."""
+"""The one interface the trainer drives, and the registry that picks an engine by name.
+
+``parallel.engine`` names an entry of ``ENGINES``; the launcher validates the name before any
+rank starts and calls ``engine_class(name)`` on each rank.
+"""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,3 +31,12 @@ class Engine(Protocol):
 
     @property
     def num_parameters(self) -> int: ...
+
+
+# name -> "module:Class"; imported only when chosen.
+ENGINES = {"megatron": "gptforge.parallel.megatron_engine:MegatronEngine"}
+
+
+def engine_class(name: str) -> type:
+    module, cls = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module), cls)

@@ -8,22 +8,21 @@ the parallel state), then megatron's optimizer (grad clipping, loss scaling) and
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+from gptforge.model.loss import masked_token_loss
 from gptforge.parallel import cpu_compat
+from gptforge.parallel.config import OptimConfig, ParallelConfig, PrecisionConfig
 from gptforge.parallel.context import ParallelContext
 from gptforge.parallel.engine import StepResult
-
-if TYPE_CHECKING:  # the optim/train sections, for annotations only
-    from gptforge.launcher.config import OptimConfig, TrainConfig
+from gptforge.parallel.optim import lr_decay_iters
 
 
-def apply_mixed_precision(chunks, tcfg, precision: str):
+def apply_mixed_precision(chunks, tcfg, precision: PrecisionConfig):
     """bf16/fp16: megatron's Float16Module (norm params stay fp32, outputs come back fp32)."""
-    if precision == "fp32":
+    if precision.dtype == "fp32":
         return chunks
     from megatron.core.transformer.module import Float16Module
 
@@ -43,17 +42,18 @@ def apply_data_parallel(chunks, tcfg, use_distributed_optimizer: bool):
             for i, chunk in enumerate(chunks)]
 
 
-def build_optimizer(chunks, optim: OptimConfig, train: TrainConfig, use_distributed_optimizer: bool):
+def build_optimizer(chunks, optim: OptimConfig, precision: PrecisionConfig,
+                    use_distributed_optimizer: bool):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(
         optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
-        clip_grad=optim.clip_grad, bf16=train.precision == "bf16", fp16=train.precision == "fp16",
-        params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
-                      "fp16": torch.float16}[train.precision],
-        initial_loss_scale=train.initial_loss_scale, min_loss_scale=train.min_loss_scale,
-        loss_scale_window=train.loss_scale_window, hysteresis=train.loss_scale_hysteresis,
+        clip_grad=optim.clip_grad, bf16=precision.dtype == "bf16",
+        fp16=precision.dtype == "fp16", params_dtype=precision.torch_dtype,
+        initial_loss_scale=precision.initial_loss_scale,
+        min_loss_scale=precision.min_loss_scale, loss_scale_window=precision.loss_scale_window,
+        hysteresis=precision.loss_scale_hysteresis,
         use_distributed_optimizer=use_distributed_optimizer,
     )
     with cpu_compat.optimizer_context():
@@ -66,16 +66,14 @@ def build_scheduler(optimizer, optim: OptimConfig, train_iters: int):
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
         lr_warmup_steps=optim.lr_warmup_iters,
-        lr_decay_steps=optim.lr_decay_iters or train_iters,
+        lr_decay_steps=lr_decay_iters(optim, train_iters),
         lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay,
         end_wd=optim.weight_decay, wd_incr_steps=train_iters, wd_incr_style="constant",
     )
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Mean per-token cross entropy over the micro-batch's unmasked tokens."""
-    mask = loss_mask.reshape(-1).float()
-    loss = (output_tensor.float().reshape(-1) * mask).sum() / mask.sum().clamp(min=1)
+    loss = masked_token_loss(output_tensor, loss_mask)
     # The schedule divides the returned loss in place by the micro-batch count: report a copy.
     return loss, {"lm_loss": loss.detach().clone()}
 
@@ -90,18 +88,20 @@ def _forward_step(data_iterator, model):
 class MegatronEngine:
     """Holds this rank's model chunks, optimizer and LR scheduler; runs one global batch a step."""
 
-    def __init__(self, chunks, tcfg, ctx: ParallelContext, optim: OptimConfig, train: TrainConfig,
-                 use_distributed_optimizer: bool, seq_length: int):
+    def __init__(self, chunks, tcfg, ctx: ParallelContext, *, parallel: ParallelConfig,
+                 precision: PrecisionConfig, optim: OptimConfig, train_iters: int,
+                 seq_length: int):
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.ctx, self.seq_length = ctx, seq_length
         # Chunks are built on CPU (use_cpu_initialization): move them before wrapping.
         chunks = [chunk.to(ctx.device) for chunk in chunks]
-        self.model_chunks = apply_data_parallel(apply_mixed_precision(chunks, tcfg, train.precision),
-                                                tcfg, use_distributed_optimizer)
-        self.optimizer = build_optimizer(self.model_chunks, optim, train, use_distributed_optimizer)
-        self.scheduler = build_scheduler(self.optimizer, optim, train.train_iters)
+        distopt = parallel.use_distributed_optimizer
+        self.model_chunks = apply_data_parallel(apply_mixed_precision(chunks, tcfg, precision),
+                                                tcfg, distopt)
+        self.optimizer = build_optimizer(self.model_chunks, optim, precision, distopt)
+        self.scheduler = build_scheduler(self.optimizer, optim, train_iters)
         tcfg.grad_scale_func = self.optimizer.scale_loss
         tcfg.finalize_model_grads_func = finalize_model_grads
         tcfg.no_sync_func = [c.no_sync for c in self.model_chunks]

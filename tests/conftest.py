@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from gptforge.parallel.context import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 WORKER = ROOT / "tests" / "distributed" / "layouts_worker.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_layouts(nproc: int, out_dir: Path, layouts: dict[str, list[str]], common: list[str],
@@ -44,12 +39,23 @@ def train_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in metrics(run_dir) if "loss" in r]
 
 
-def assert_close_losses(got: list[float], want: list[float], rel: float = 1e-5) -> None:
-    assert len(got) == len(want), (got, want)
+def assert_close_losses(got: list[float], want: list[float], rel: float = 1e-5,
+                        name: str = "") -> None:
+    """Step-by-step relative comparison; a failure names the layout (``name``) and the step."""
+    where = f"{name}: " if name else ""
+    assert len(got) == len(want), f"{where}{len(got)} losses vs {len(want)}: {got} vs {want}"
     for step, (g, w) in enumerate(zip(got, want), start=1):
-        assert abs(g - w) <= rel * abs(w), f"step {step}: {g} vs {w} (rel {abs(g - w) / abs(w):.2e})"
+        assert abs(g - w) <= rel * abs(w), \
+            f"{where}step {step}: {g} vs {w} (rel {abs(g - w) / abs(w):.2e})"
 
 
-@pytest.fixture
-def tiny_config() -> Path:
-    return TINY
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests run only where CUDA is present (the lent GPU machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

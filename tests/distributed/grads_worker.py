@@ -19,12 +19,12 @@ from tests.distributed.layouts_worker import TINY
 
 def grads_for(recompute: str) -> dict[str, torch.Tensor]:
     cfg = load_config([TINY], [f"--parallel.recompute={recompute}"])
-    derived = validate(cfg, 1)
+    layout = validate(cfg, 1)
     ctx = init_parallel(cfg.parallel)
     set_seed(cfg.train.seed, ctx.pp_rank)
-    engine = build_engine(cfg, derived, ctx)
-    it = build_batches(cfg, derived, ctx, "train")
-    engine._run([next(it) for _ in range(derived.num_microbatches)], forward_only=False)
+    engine = build_engine(cfg, layout, ctx)
+    it = build_batches(cfg, layout, ctx, "train")
+    engine._run([next(it) for _ in range(layout.num_microbatches)], forward_only=False)
     grads = {name: p.main_grad.detach().clone()
              for chunk in engine.model_chunks for name, p in chunk.named_parameters()}
     destroy_model_parallel()

@@ -27,7 +27,7 @@ def main() -> None:
         for name, overrides in spec["layouts"].items():
             run_dir = spec_path.parent / name
             cfg = load_config([TINY], [*spec["common"], *overrides, f"--run.dir={run_dir}"])
-            records = run(cfg)
+            records = run(cfg).records
             if records:
                 (spec_path.parent / f"{name}.json").write_text(json.dumps({"records": records}))
     finally:

@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import assert_close_losses, run_layouts
 
+pytestmark = pytest.mark.slow  # several real processes
+
 STEPS = ["--train.train_iters=5", "--train.eval_interval=0"]
 
 
@@ -33,7 +35,7 @@ def test_two_process_layouts_match_single_process(baseline, tmp_path):
     }, STEPS)
     assert baseline[-1] < baseline[0]
     for name, result in out.items():
-        assert_close_losses(_losses(result), baseline)
+        assert_close_losses(_losses(result), baseline, name=name)
 
 
 def test_four_process_layouts_match_single_process(baseline, tmp_path):
@@ -42,7 +44,7 @@ def test_four_process_layouts_match_single_process(baseline, tmp_path):
         "tp2_dp2": ["--parallel.tensor_model_parallel_size=2"],
     }, STEPS)
     for name, result in out.items():
-        assert_close_losses(_losses(result), baseline)
+        assert_close_losses(_losses(result), baseline, name=name)
 
 
 LLAMA = ["--model.position_embedding_type=rope", "--model.normalization=RMSNorm",
@@ -60,4 +62,4 @@ def test_llama_style_model_trains_and_matches_across_layouts(tmp_path):
         "llama_pp2": [*LLAMA, "--parallel.pipeline_model_parallel_size=2"],
     }, STEPS)
     for name, result in out.items():
-        assert_close_losses(_losses(result), baseline)
+        assert_close_losses(_losses(result), baseline, name=name)

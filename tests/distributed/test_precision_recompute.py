@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -9,6 +11,8 @@ import sys
 import torch
 
 from tests.conftest import ROOT, TINY, metrics, train_losses
+
+pytestmark = pytest.mark.slow  # several real processes
 
 
 def _run(*args, cwd=ROOT, timeout=300):
@@ -38,7 +42,7 @@ def _train(run_dir, *overrides):
 
 
 def test_bf16_on_cpu_lowers_the_loss(tmp_path):
-    records = _train(tmp_path, "--train.precision=bf16", "--train.train_iters=15")
+    records = _train(tmp_path, "--precision.dtype=bf16", "--train.train_iters=15")
     losses = [r["loss"] for r in records]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
@@ -46,8 +50,9 @@ def test_bf16_on_cpu_lowers_the_loss(tmp_path):
 
 def test_fp16_skips_an_overflow_step_and_lowers_the_scale(tmp_path):
     # 2^40 overflows fp16 gradients at once; hysteresis 1 lowers the scale on each overflow.
-    records = _train(tmp_path, "--train.precision=fp16", "--train.train_iters=40",
-                     "--train.initial_loss_scale=1099511627776", "--train.loss_scale_hysteresis=1")
+    records = _train(tmp_path, "--precision.dtype=fp16", "--train.train_iters=40",
+                     "--precision.initial_loss_scale=1099511627776",
+                     "--precision.loss_scale_hysteresis=1")
     skipped = [r for r in records if r["skipped"]]
     assert skipped and records[0]["skipped"], "the first step should overflow"
     assert records[0]["loss_scale"] < 2.0**40

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -9,6 +11,8 @@ from pathlib import Path
 
 from gptforge.data.synthetic import write_text_corpus
 from tests.conftest import ROOT, TINY, metrics
+
+pytestmark = pytest.mark.slow  # several real processes
 
 GPTFORGE = str(Path(sys.executable).parent / "gptforge")
 CORPUS = ("json/*.py", "email/*.py", "logging/*.py", "textwrap.py")

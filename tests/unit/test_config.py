@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from gptforge.launcher.config import ConfigError, dump_config, load_config, validate
+from gptforge.launcher.config import ConfigError, dump_config, layout_notes, load_config, validate
 from tests.conftest import TINY
 
 
@@ -80,9 +80,10 @@ def test_inconsistent_values_name_the_key(overrides, world, key):
 
 def test_vocab_is_padded_for_tp_and_the_padding_is_reported():
     cfg = load_config([TINY], ["--model.vocab_size=1000", "--parallel.tensor_model_parallel_size=2"])
-    derived = validate(cfg, 2)
-    assert derived.padded_vocab_size == 1024
-    assert any(n.startswith("model.vocab_size: padded 1000 -> 1024") for n in derived.notes)
+    layout = validate(cfg, 2)
+    assert layout.padded_vocab_size == 1024
+    assert any(n.startswith("model.vocab_size: padded 1000 -> 1024")
+               for n in layout_notes(cfg, layout))
     # Same padded size whatever TP is: the softmax (and so the loss) does not change with layout.
     assert validate(load_config([TINY], ["--model.vocab_size=1000"]), 1).padded_vocab_size == 1024
     odd = load_config([TINY], ["--model.vocab_size=1000", "--model.make_vocab_size_divisible_by=1",
@@ -92,5 +93,5 @@ def test_vocab_is_padded_for_tp_and_the_padding_is_reported():
 
 def test_derived_sizes():
     cfg = load_config([TINY], ["--parallel.tensor_model_parallel_size=2"])
-    derived = validate(cfg, 4)
-    assert derived.data_parallel_size == 2 and derived.num_microbatches == 2
+    layout = validate(cfg, 4)
+    assert layout.data_parallel_size == 2 and layout.num_microbatches == 2

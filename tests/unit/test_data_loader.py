@@ -10,7 +10,7 @@ import torch
 
 from gptforge.data.loader import build_loader
 from gptforge.data.synthetic import unique_docs, write_token_dataset
-from gptforge.launcher.config import DataConfig, DataSourceConfig
+from gptforge.data.config import DataConfig, DataSourceConfig
 
 VOCAB = 60000
 EOD = 0

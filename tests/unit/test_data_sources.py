@@ -18,7 +18,7 @@ from gptforge.data.shards import ShardError
 from gptforge.data import tokenizer
 from gptforge.data.synthetic import unique_docs, write_text_corpus, write_token_dataset
 from gptforge.data.tokenizer import TokenizerError
-from gptforge.launcher.config import DataConfig, DataSourceConfig
+from gptforge.data.config import DataConfig, DataSourceConfig
 
 VOCAB = 60000
 

@@ -1,0 +1,69 @@
+"""How a run ends when something is wrong: one line for the user, the traceback behind --debug.
+
+A *user error* (bad config, data, run dir, checkpoint) prints
+``gptforge: error: <what>, <which key/file/rank>`` and exits with EXIT_USER_ERROR; anything else
+is a bug and exits with EXIT_INTERNAL_ERROR, also in one line unless debugging is on
+(``--debug`` or ``GPTFORGE_DEBUG=1``). Under the local launcher each rank writes its error to
+``$GPTFORGE_ERROR_DIR/rank-<N>.json`` instead of printing, and the launcher prints the first
+failing rank's message once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_INTERNAL_ERROR = 1
+EXIT_USER_ERROR = 2
+EXIT_CHECKPOINTED = 75  # stopped by a signal after saving a checkpoint: restart me (EX_TEMPFAIL)
+DEBUG_ENV = "GPTFORGE_DEBUG"
+ERROR_DIR_ENV = "GPTFORGE_ERROR_DIR"
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def user_error_types() -> tuple[type, ...]:
+    from gptforge.data.errors import DataError
+    from gptforge.launcher.rundir import RunDirError
+    from gptforge.model.config import ModelConfigError
+    from gptforge.parallel.config import ConfigError
+    from gptforge.parallel.context import LaunchError
+
+    return (ConfigError, ModelConfigError, DataError, RunDirError, LaunchError)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    return isinstance(exc, user_error_types())
+
+
+def describe(exc: BaseException) -> str:
+    if is_user_error(exc):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc} (an internal error; rerun with --debug for the traceback)"
+
+
+def report(exc: BaseException, rank: int | None = None, world_size: int = 1) -> int:
+    """Tell the user about ``exc`` (or hand it to the launcher); return the exit code."""
+    code = EXIT_USER_ERROR if is_user_error(exc) else EXIT_INTERNAL_ERROR
+    where = f" (rank {rank})" if rank is not None and world_size > 1 else ""
+    line = f"gptforge: error: {describe(exc)}{where}"
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    if error_dir and rank is not None:
+        record = {"time": time.time(), "rank": rank, "line": line, "user_error": code == 2,
+                  "traceback": traceback.format_exc()}
+        try:
+            Path(error_dir, f"rank-{rank}.json").write_text(json.dumps(record))
+        except OSError:
+            print(line, file=sys.stderr, flush=True)
+    else:
+        print(line, file=sys.stderr, flush=True)
+    if debug_enabled():
+        traceback.print_exception(exc, file=sys.stderr)
+    return code

@@ -1,0 +1,155 @@
+"""``gptforge train --nproc-per-node N``: N local ranks, supervised by this process.
+
+The ranks run ``python -m gptforge.launcher.train`` with the torchrun-style environment (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) in one process group of their own, so that:
+
+- SIGINT, SIGTERM and SIGUSR1 sent to this process are forwarded to every rank (each stops at
+  the same step boundary); a third SIGINT/SIGTERM kills them. No rank outlives this process:
+  each is also bound to it with PR_SET_PDEATHSIG.
+- When a rank fails, the others are stopped, and the first failing rank's one-line message
+  (written to an error directory, see ``launcher/errors.py``) is printed once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gptforge.launcher.errors import (ERROR_DIR_ENV, EXIT_CHECKPOINTED, EXIT_INTERNAL_ERROR,
+                                      EXIT_OK)
+from gptforge.parallel.context import free_port
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+FAILURE_GRACE_S = 3.0  # after a rank fails, how long the others get before SIGKILL
+_PR_SET_PDEATHSIG = 1
+
+
+def _bind_to_parent() -> None:
+    """In the child before exec: die with SIGKILL when the launcher dies."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rank_env(rank: int, nproc: int, port: int, error_dir: str) -> dict:
+    env = dict(os.environ)
+    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+               LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), **{ERROR_DIR_ENV: error_dir})
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+    return env
+
+
+class RankGroup:
+    """The rank processes of one local launch."""
+
+    def __init__(self, nproc: int, argv: list[str]):
+        self.error_dir = tempfile.mkdtemp(prefix="gptforge-errors-")
+        port = free_port()
+        cmd = [sys.executable, "-m", "gptforge.launcher.train", *argv]
+        self.procs: list[subprocess.Popen] = []
+        for rank in range(nproc):
+            group = {"process_group": 0 if rank == 0 else self.procs[0].pid}
+            self.procs.append(subprocess.Popen(cmd, env=_rank_env(rank, nproc, port,
+                                                                  self.error_dir),
+                                               preexec_fn=_bind_to_parent, **group))
+        self.pgid = self.procs[0].pid
+
+    def signal_all(self, signum: int) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    def kill_all(self) -> None:
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.signal_all(signal.SIGKILL)
+
+    def codes(self) -> list[int | None]:
+        return [proc.poll() for proc in self.procs]
+
+    def first_error(self) -> str | None:
+        records = []
+        for path in Path(self.error_dir).glob("rank-*.json"):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        if not records:
+            return None
+        # A user error anywhere explains the others' broken connections; else the earliest.
+        records.sort(key=lambda r: (not r.get("user_error"), r["time"]))
+        return records[0]["line"]
+
+    def cleanup(self) -> None:
+        for path in Path(self.error_dir).glob("*"):
+            path.unlink(missing_ok=True)
+        os.rmdir(self.error_dir)
+
+
+def _supervise(group: RankGroup, stop: dict) -> int:
+    """Wait for every rank; stop the rest when one fails. Returns the run's exit code."""
+    failed_at = None
+    while True:
+        codes = group.codes()
+        if all(code is not None for code in codes):
+            break
+        bad = [c for c in codes if c not in (None, EXIT_OK, EXIT_CHECKPOINTED)]
+        if bad and failed_at is None:
+            failed_at = time.monotonic()
+            group.signal_all(signal.SIGTERM)
+        if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
+            group.kill_all()
+        if stop["count"] >= 3:
+            group.kill_all()
+        time.sleep(0.05)
+    codes = [c for c in group.codes()]
+    failures = [c for c in codes if c not in (EXIT_OK, EXIT_CHECKPOINTED)]
+    if failures:
+        line = group.first_error()
+        first_code = next(c for c in codes if c not in (EXIT_OK, EXIT_CHECKPOINTED))
+        if line is None and stop["signum"] is not None:
+            print(f"gptforge: stopped by {signal.Signals(stop['signum']).name}", file=sys.stderr)
+            return 128 + stop["signum"]
+        if line is None:
+            line = (f"gptforge: error: rank {codes.index(first_code)} exited with code "
+                    f"{first_code} (see its output above)")
+        print(line, file=sys.stderr, flush=True)
+        return first_code if first_code > 0 else EXIT_INTERNAL_ERROR
+    return EXIT_CHECKPOINTED if EXIT_CHECKPOINTED in codes else EXIT_OK
+
+
+def launch_local(nproc: int, argv: list[str]) -> int:
+    """Run ``nproc`` ranks of ``gptforge.launcher.train argv``; forward signals; return a code."""
+    stop = {"count": 0, "signum": None}
+
+    def forward(signum, frame):
+        stop["count"] += 1
+        stop["signum"] = stop["signum"] or signum
+        group.signal_all(signum)
+
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in FORWARDED}
+    group = RankGroup(nproc, argv)
+    try:
+        for sig in FORWARDED:
+            signal.signal(sig, forward)
+        return _supervise(group, stop)
+    finally:
+        group.kill_all()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        group.cleanup()

@@ -1,0 +1,52 @@
+"""Command-line arguments of the config verbs: ``--config a.yaml b.yaml`` and dotted overrides.
+
+``--section.key=value`` and ``--section.key value`` are accepted; a bool key alone means true;
+any other key without a value, and anything that is not an override, is refused in the words the
+user typed, under the program's own name.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from gptforge.launcher.config import field_type
+
+
+def _usage_error(prog: str, message: str):
+    parser = argparse.ArgumentParser(prog=prog, add_help=False,
+                                     usage=f"{prog} [--config FILE ...] [--section.key=value ...]")
+    parser.error(message)  # prints the usage line and exits with code 2
+
+
+def _join_values(rest: list[str], prog: str) -> list[str]:
+    """``--a.b=1`` and ``--a.b 1`` → ``--a.b=1``; a bare bool key → ``--a.b=true``."""
+    out, i = [], 0
+    while i < len(rest):
+        token = rest[i]
+        key = token[2:].split("=", 1)[0]
+        if not token.startswith("--") or "." not in key:
+            hint = " (overrides look like --optim.lr=3e-4)" if token.startswith("--") else ""
+            _usage_error(prog, f"unrecognised argument {token}{hint}")
+        if "=" in token:
+            out.append(token)
+            i += 1
+        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            out.append(f"{token}={rest[i + 1]}")
+            i += 2
+        elif field_type(key.split(".")) is bool:
+            out.append(f"{token}=true")
+            i += 1
+        elif field_type(key.split(".")) is None:
+            out.append(f"{token}=")  # load_config names the unknown key
+            i += 1
+        else:
+            _usage_error(prog, f"{token} needs a value ({token}=VALUE)")
+    return out
+
+
+def parse_train_args(argv: list[str], prog: str) -> tuple[list[str], list[str]]:
+    """(config files, overrides) from ``argv``."""
+    parser = argparse.ArgumentParser(prog=prog, add_help=False)
+    parser.add_argument("--config", nargs="*", default=[])
+    args, rest = parser.parse_known_args(argv)
+    return args.config, _join_values(rest, prog)

@@ -1,0 +1,289 @@
+"""Our fixes for megatron-core 0.16.1, installed by ``apply()`` on CPU and GPU alike.
+
+Each fix is the smallest monkeypatch we could find and carries a docstring that says what
+upstream does wrong (a note for an upstream report). Line numbers are for the installed 0.16.1
+sources (``megatron/core/...``).
+
+=====  ==========================================================================================
+name   what it fixes
+=====  ==========================================================================================
+spawn  ``filesystem_async._get_write_results_queue``: a *spawn* Manager per process (4-5 s)
+a      ``DistributedOptimizer.state_dict``: asserts one Adam ``step`` in an empty state
+b      ``DistributedOptimizer._set_main_param_and_optimizer_states``: copies ``step`` too
+c      the same function runs without ``torch.no_grad`` on several load paths
+d      ``DistributedOptimizer.load_state_dict``: one shared ``step`` tensor for every param
+e      ``DistributedOptimizer.sharded_param_state_fully_reshardable``: slices the gathered
+       state at padded buffer offsets, but the gathered state has the padding removed
+=====  ==========================================================================================
+
+Fixes a-d concern the torch-Adam path of the distributed optimizer (no Apex/TE: CPU, and our
+GPU machines too); where Apex or Transformer Engine provides the optimizer they step aside.
+``disabled(*names)`` switches fixes off for a block, so that tests can show each one matters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import shutil
+import tempfile
+import weakref
+from queue import Empty
+
+import torch
+
+FIXES = ("spawn", "a", "b", "c", "d", "e")
+
+_applied = False
+_disabled: set[str] = set()
+_originals: dict[str, object] = {}
+
+
+def is_applied() -> bool:
+    return _applied
+
+
+@contextlib.contextmanager
+def disabled(*names: str):
+    """Run a block with the named fixes switched off (upstream behaviour); for tests."""
+    unknown = set(names) - set(FIXES)
+    if unknown:
+        raise ValueError(f"unknown megatron fix(es) {sorted(unknown)}; known: {FIXES}")
+    before = set(_disabled)
+    _disabled.update(names)
+    try:
+        yield
+    finally:
+        _disabled.clear()
+        _disabled.update(before)
+
+
+def _on(name: str) -> bool:
+    return name not in _disabled
+
+
+# --------------------------------------------------------------------------------------------
+# spawn: the per-process spawn Manager behind every torch_dist save
+# --------------------------------------------------------------------------------------------
+
+class FileResultsQueue:
+    """``put`` / ``get_nowait`` for one save's write results, through a private temp file.
+
+    Replaces ``filesystem_async._get_write_results_queue`` (filesystem_async.py:50-55).
+    Upstream: ``mp.get_context("spawn").Manager().Queue()`` -- the first save of every process
+    starts a spawn server process that re-imports ``__main__`` (4-5 s with torch and megatron
+    loaded; an entry script without a ``__main__`` guard re-runs itself and hangs). The queue
+    is only ever used for one message per save, written either in this process (sync save) or
+    in a forked child (async save), and read here with ``get_nowait`` after the writer is done.
+
+    Why not a plain fork-context ``mp.Queue``: a put in this process reaches the pipe through a
+    feeder thread, so the immediate ``get_nowait`` can race it and report an empty queue; and a
+    forked writer whose result exceeds the pipe buffer (~64 KiB: a few hundred WriteResults)
+    cannot exit before the parent reads, while the parent joins it before reading (async
+    finalize) -- a deadlock. A file written atomically (tmp + rename) has neither problem and
+    needs no helper process. One queue per save (megatron asks for it once per save), so no
+    stale message can be read by a later save.
+    """
+
+    def __init__(self):
+        self._dir = tempfile.mkdtemp(prefix="gptforge-ckpt-results-")
+        self._path = os.path.join(self._dir, "results.pkl")
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
+
+    def put(self, obj) -> None:
+        tmp = f"{self._path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, self._path)
+
+    def get_nowait(self):
+        try:
+            with open(self._path, "rb") as f:
+                # Our own message, written by this process or its forked writer a moment ago in
+                # a 0700 temp dir: the same trust as a multiprocessing queue (which pickles too).
+                obj = pickle.load(f)
+        except FileNotFoundError:
+            raise Empty from None
+        os.unlink(self._path)
+        return obj
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        return self.get_nowait()
+
+
+def _write_results_queue():
+    if not _on("spawn"):
+        return _originals["spawn"]()
+    return FileResultsQueue()
+
+
+def _install_spawn_fix() -> None:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    _originals["spawn"] = filesystem_async._get_write_results_queue
+    filesystem_async._get_write_results_queue = _write_results_queue
+
+
+# --------------------------------------------------------------------------------------------
+# a-d: the distributed optimizer's torch-Adam path
+# --------------------------------------------------------------------------------------------
+
+def _torch_adam_path(opt) -> bool:
+    """True where DistributedOptimizer keeps torch.optim.Adam's per-param ``step`` tensors."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    return (not dopt.HAVE_APEX_OR_TE
+            and not isinstance(opt.optimizer, dopt.HybridDeviceOptimizer)
+            and not opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+
+
+def _state_dict(self):
+    """Fix (a): ``state_dict()`` of a distributed optimizer that has not stepped yet.
+
+    Upstream (distrib_optimizer.py:639-642), torch-Adam path: ``steps = {s["step"] for s in
+    inner_state["state"].values()}; assert len(steps) == 1``. Before the first optimizer step the
+    Adam state is empty, so the assertion fails -- and ``sharded_state_dict(is_loading=True)``
+    calls ``state_dict()`` first, so a checkpoint cannot be loaded into a freshly built
+    optimizer (the normal resume case). Fix: while the state is empty, give every param a
+    placeholder ``step`` of 0 for the duration of the call (the value upstream would need),
+    then leave the state empty again, exactly as it was.
+    """
+    original = _originals["a"]
+    if not _on("a") or not _torch_adam_path(self) or len(self.optimizer.state) > 0:
+        return original(self)
+    zero = torch.zeros((), dtype=torch.float32)
+    for group in self.optimizer.param_groups:
+        for param in group["params"]:
+            self.optimizer.state[param] = {"step": zero}
+    try:
+        return original(self)
+    finally:
+        self.optimizer.state.clear()
+
+
+def _set_main_param_and_optimizer_states_b(self, model_param, tensors):
+    """Fix (b): loading a param's optimizer state must not touch Adam's ``step``.
+
+    Upstream (distrib_optimizer.py:936-940, non-precision-aware branch) copies every key of the
+    live state, ``{"param": main_param, **optim_state}``, from ``tensors`` -- including
+    ``step``, which the loaders never meant to provide: ``step`` is restored from
+    ``param_groups`` by ``load_state_dict`` (distrib_optimizer.py:817-825). With
+    ``fully_reshardable`` the loaded tensors have no ``step`` (KeyError); with
+    ``dp_reshardable`` they carry a LocalNonpersistentObject holding the *pre-load* step, which
+    silently overwrites the loaded one (Adam's bias correction restarts, training diverges from
+    the uninterrupted run). Fix: copy param, exp_avg, exp_avg_sq; leave ``step`` alone.
+    """
+    original = _originals["b"]
+    if (not _on("b") or not _torch_adam_path(self)
+            or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8):
+        return original(self, model_param, tensors)
+    group_index, group_order = self.model_param_group_index_map[model_param]
+    main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+    dst_tensors = {"param": main_param,
+                   **{k: v for k, v in self.optimizer.state[main_param].items() if k != "step"}}
+    for key, dst in dst_tensors.items():
+        dst.copy_(tensors[key])
+
+
+def _set_main_param_and_optimizer_states_c(self, model_param, tensors):
+    """Fix (c): the optimizer-state load paths write into leaf views without ``no_grad``.
+
+    Upstream: ``_set_main_param_and_optimizer_states`` does ``dst.copy_(src)`` where, for fp32
+    models, the main param is a *view* of the model parameter (a leaf that requires grad).
+    ``load_parameter_state_from_fully_reshardable`` and ``..._fs_model_space`` are decorated
+    with ``@torch.no_grad()``, but ``load_parameter_state_from_dp_reshardable``
+    (distrib_optimizer.py:1772) and ``..._dp_zero`` (:1965) are not, so loading those formats
+    raises "a view of a leaf Variable that requires grad is being used in an in-place
+    operation". Fix: run the setter itself under ``torch.no_grad()`` (covers every caller).
+    """
+    inner = _set_main_param_and_optimizer_states_b
+    if not _on("c"):
+        return inner(self, model_param, tensors)
+    with torch.no_grad():
+        return inner(self, model_param, tensors)
+
+
+def _load_state_dict(self, state_dict):
+    """Fix (d): after a load every param must own its Adam ``step`` tensor.
+
+    Upstream (distrib_optimizer.py:817-825), torch-Adam path: ``step = torch.tensor(...)``
+    once, then ``s["step"] = step`` for *every* param's state; torch's
+    ``Optimizer.load_state_dict`` keeps a non-capturable ``step`` as is (no copy), so all params
+    share one tensor. ``torch.optim.Adam`` increments ``state["step"]`` in place per param, so
+    after a load the shared step advances by the number of params on this rank every iteration:
+    bias correction goes wrong and training silently diverges from an uninterrupted run (loss
+    off by ~1e-2 after a few steps on the tiny model). Fix: after the upstream load, give each
+    param a private copy of its step.
+    """
+    _originals["d"](self, state_dict)
+    if not _on("d") or not _torch_adam_path(self):
+        return
+    for state in self.optimizer.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            state["step"] = step.detach().clone()
+
+
+def _world_offsets(buffer) -> dict:
+    """``param_index_map`` with offsets into the gathered, inter-bucket-padding-free state."""
+    shifts, unpadded_before = [], 0
+    for bucket in buffer.buckets:
+        shifts.append(bucket.offset - unpadded_before)
+        unpadded_before += bucket.numel_unpadded
+    return {param: (start - shifts[bucket_id], end - shifts[bucket_id], bucket_id)
+            for param, (start, end, bucket_id) in buffer.param_index_map.items()}
+
+
+def _sharded_param_state_fully_reshardable(self, model_sharded_state_dict, is_loading=False,
+                                           metadata=None):
+    """Fix (e): ``fully_reshardable`` saves wrong optimizer state for multi-bucket buffers.
+
+    Upstream (distrib_optimizer.py:1404-1537) slices the gathered per-buffer state
+    (``get_parameter_state_dp_zero``) with ``buffer.param_index_map`` offsets. Those offsets
+    count the padding at the end of every bucket, but ``get_parameter_state_dp_zero`` builds the
+    gathered tensors with that padding removed ("gets rid of the padding between buckets",
+    :1108-1116). In a buffer with more than one bucket whose earlier bucket is padded, every
+    param of a later bucket is read shifted by the padding: its saved param/exp_avg/exp_avg_sq
+    are wrong (the "param range exceeds unpadded buffer ... padded with zeros which can lead to
+    data corruption" warning, :1502-1517, is this bug). It happens whenever a buffer has several
+    buckets: DDP bucketing, or PP>1 with shared embeddings, which megatron puts in a bucket of
+    their own -- a PP=2 x VPP=2 resume diverges at the first step after the load. Fix: during
+    the call, give each buffer a ``param_index_map`` shifted to the gathered layout (the
+    method's only use of it; the checkpoint's keys and shapes do not change).
+    """
+    original = _originals["e"]
+    if not _on("e"):
+        return original(self, model_sharded_state_dict, is_loading, metadata)
+    saved = [buffer.param_index_map for buffer in self.buffers]
+    try:
+        for buffer in self.buffers:
+            buffer.param_index_map = _world_offsets(buffer)
+        return original(self, model_sharded_state_dict, is_loading, metadata)
+    finally:
+        for buffer, index_map in zip(self.buffers, saved):
+            buffer.param_index_map = index_map
+
+
+def _install_distrib_optimizer_fixes() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as D
+
+    _originals["a"] = D.state_dict
+    _originals["b"] = D._set_main_param_and_optimizer_states
+    _originals["d"] = D.load_state_dict
+    _originals["e"] = D.sharded_param_state_fully_reshardable
+    D.state_dict = _state_dict
+    D._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states_c
+    D.load_state_dict = _load_state_dict
+    D.sharded_param_state_fully_reshardable = _sharded_param_state_fully_reshardable
+
+
+def apply() -> bool:
+    """Install every fix (idempotent). Call before building optimizers or saving checkpoints."""
+    global _applied
+    if _applied:
+        return False
+    _install_spawn_fix()
+    _install_distrib_optimizer_fixes()
+    _applied = True
+    return True

@@ -1,0 +1,318 @@
+"""One rank of a checkpoint test launch: runs several cases in one process group, in turn.
+
+argv[1]: a JSON file {"dir": out_dir, "common": [overrides], "cases": [{"name", "kind", ...}]}.
+Rank 0 writes <dir>/results.json: {case name: result}. Cases (see ``CASES``):
+
+- reference: train ``steps`` steps uninterrupted; the losses.
+- resume:    train ``save_at`` steps in layout ``save``, save (sync or async; async keeps training
+  while the writer runs), then a fresh engine in layout ``load`` loads it and trains to
+  ``steps``; the losses after the load, the save time and files. ``save`` may be omitted to load
+  an earlier case's checkpoint (``from``).
+- fix_*:     one megatron fix switched off, then on (see megatron_fixes).
+- bad_input: corrupted/hostile copies of a checkpoint; the CheckpointError messages.
+
+``build`` is the one place that constructs an engine from config overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from gptforge.launcher.config import load_config, validate
+from gptforge.launcher.train import build_batches, build_engine
+from gptforge.parallel import megatron_checkpoint as mc
+from gptforge.parallel import megatron_fixes
+from gptforge.parallel.context import (destroy_model_parallel, destroy_parallel, init_parallel,
+                                       world_size_from_env)
+from gptforge.parallel.seeding import set_seed
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+
+
+class Run:
+    """An engine, its train batch iterator and what a step needs."""
+
+    def __init__(self, engine, batches, num_microbatches: int, ctx, cfg):
+        self.engine, self.batches, self.num_microbatches = engine, batches, num_microbatches
+        self.ctx, self.cfg = ctx, cfg
+
+    def skip_to(self, step: int) -> None:
+        """Position the batches after ``step`` global batches (mock data: layout-independent)."""
+        per_rank = self.cfg.train.global_batch_size // self.ctx.dp_size
+        self.batches.load_state_dict({"consumed": step * per_rank})
+
+    def step(self) -> float:
+        result = self.engine.train_step([next(self.batches) for _ in range(self.num_microbatches)])
+        return _shared_loss(result.loss)
+
+    def state(self):
+        e = self.engine
+        return e.model_chunks, e.optimizer, e.scheduler
+
+
+def build(overrides: list[str]) -> Run:
+    """Config overrides → process groups → engine and batches (adapt here when train.py moves)."""
+    megatron_fixes.apply()
+    cfg = load_config([TINY], overrides)
+    derived = validate(cfg, world_size_from_env())
+    ctx = init_parallel(cfg.parallel)
+    set_seed(cfg.train.seed, ctx.pp_rank)
+    engine = build_engine(cfg, derived, ctx)
+    batches = build_batches(cfg, derived, ctx, "train")
+    return Run(engine, batches, derived.num_microbatches, ctx, cfg)
+
+
+def _shared_loss(loss: float | None) -> float:
+    """The loss lives on the last pipeline stage; every rank gets it."""
+    box = [None] * dist.get_world_size()
+    dist.all_gather_object(box, loss)
+    return next(v for v in box if v is not None)
+
+
+def _finish(run: Run | None) -> None:
+    del run
+    destroy_model_parallel()
+
+
+# --------------------------------------------------------------------------------------------
+
+def case_reference(spec, out: Path, common):
+    run = build(common + spec.get("layout", []))
+    losses = [run.step() for _ in range(spec["steps"])]
+    _finish(run)
+    return {"losses": losses}
+
+
+def _save_and_continue(spec, out, common):
+    """Train to save_at in the save layout, save; returns the checkpoint dir and save info."""
+    ckpt = out / spec["name"]
+    run = build(common + spec["save"])
+    for _ in range(spec["save_at"]):
+        run.step()
+    handle = mc.save_state(*run.state(), ckpt, async_save=spec.get("async", False))
+    info = {"blocked_s": handle.blocked_s}
+    if spec.get("async"):
+        # Keep training while the writer runs: the checkpoint must hold the step-k state.
+        info["losses_during_write"] = [run.step() for _ in range(2)]
+        info["done_before_wait"] = handle.done
+        handle.wait()
+    info["total_s"] = handle.total_s
+    box = [None] * dist.get_world_size()
+    dist.all_gather_object(box, [tuple(f) for f in handle.files])
+    info["files"] = sorted({tuple(f) for files in box for f in files})
+    _finish(run)
+    return ckpt, info
+
+
+def case_resume(spec, out: Path, common):
+    if "save" in spec:
+        ckpt, info = _save_and_continue(spec, out, common)
+    else:
+        ckpt, info = out / spec["from"], {}
+    run = build(common + spec["load"])
+    t = time.perf_counter()
+    record = mc.load_state(*run.state(), ckpt)
+    info["load_s"] = time.perf_counter() - t
+    info["record"] = record
+    run.skip_to(spec["save_at"])
+    info["losses"] = [run.step() for _ in range(spec["steps"] - spec["save_at"])]
+    _finish(run)
+    return info
+
+
+def _expect_failure(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the test looks at the type and message
+        return f"{type(e).__name__}: {e}"[:500]
+    return None
+
+
+def case_fixes(spec, out: Path, common):
+    """Each distributed-optimizer fix off, then on, against one DP=1 distopt checkpoint."""
+    layout = common + ["--parallel.use_distributed_optimizer=true"]
+    k, steps = spec["save_at"], spec["steps"]
+    result = {}
+    # The reference and a fully_reshardable checkpoint at step k.
+    run = build(layout)
+    ref = [run.step() for _ in range(steps)]
+    _finish(run)
+    run = build(layout)
+    for _ in range(k):
+        run.step()
+    ckpt = out / "fixes_ckpt"
+    mc.save_state(*run.state(), ckpt)
+    _finish(run)
+
+    def resume(disabled=(), sharded_ckpt=ckpt):
+        with megatron_fixes.disabled(*disabled):
+            run = build(layout)
+            mc.load_state(*run.state(), sharded_ckpt)
+            steps_after_load = {id(s["step"]) for opt in mc._inner_optimizers(run.engine.optimizer)
+                                for s in opt.optimizer.state.values()}
+            n_states = sum(len(opt.optimizer.state)
+                           for opt in mc._inner_optimizers(run.engine.optimizer))
+            run.skip_to(k)
+            losses = [run.step() for _ in range(steps - k)]
+            step_values = sorted({int(s["step"]) for opt in
+                                  mc._inner_optimizers(run.engine.optimizer)
+                                  for s in opt.optimizer.state.values()})
+            _finish(run)
+        return {"losses": losses, "distinct_step_tensors": len(steps_after_load),
+                "param_states": n_states, "step_values": step_values}
+
+    result["reference"] = ref[k:]
+    result["all_fixes"] = resume()
+    for name in ("a", "b"):
+        result[f"without_{name}"] = _expect_failure(lambda: resume((name,)))
+        destroy_model_parallel()
+    result["without_d"] = resume(("d",))
+
+    # (c) shows on the dp_reshardable load path (fully_reshardable's loader has no_grad).
+    dp_ckpt = out / "fixes_dp_reshardable"
+    run = build(layout)
+    for _ in range(k):
+        run.step()
+    old, mc._SAVE_SHARDING_TYPE = mc._SAVE_SHARDING_TYPE, "dp_reshardable"
+    try:
+        mc.save_state(*run.state(), dp_ckpt)
+    finally:
+        mc._SAVE_SHARDING_TYPE = old
+    _finish(run)
+    result["without_c"] = _expect_failure(lambda: resume(("c",), dp_ckpt))
+    destroy_model_parallel()
+    result["dp_reshardable_all_fixes"] = resume((), dp_ckpt)
+    result["dp_reshardable_without_b"] = resume(("b",), dp_ckpt)
+    return result
+
+
+class _Payload:
+    """Unpickling this runs ``os.system`` (creates the marker file): it must never happen."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def case_bad_input(spec, out: Path, common):
+    """Each corruption in a copy of a good checkpoint; the error each load raises."""
+    good = out / "bad_good"
+    run = build(common)
+    rank = dist.get_rank()
+    run.step()
+    t = time.perf_counter()
+    mc.save_state(*run.state(), good)
+    save_s = time.perf_counter() - t
+    _finish(run)
+    marker = out / "payload_ran"
+    results = {"save_s": save_s, "marker": str(marker)}
+
+    def corrupt(name, edit):
+        target = out / f"bad_{name}"
+        if rank == 0:
+            shutil.copytree(good, target)
+            edit(target)
+        dist.barrier()
+        return target
+
+    def biggest_shard(d):
+        return max(d.glob("__*.distcp"), key=lambda p: p.stat().st_size)
+
+    def flip(d):
+        path = biggest_shard(d)
+        md = mc.read_metadata(d)
+        info = max((i for i in md.storage_data.values() if i.relative_path == path.name),
+                   key=lambda i: i.length)
+        data = bytearray(path.read_bytes())
+        data[info.offset + info.length // 2] ^= 0x40  # inside a tensor's data record
+        path.write_bytes(bytes(data))
+
+    def truncate(d):
+        path = biggest_shard(d)
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+
+    def evil_metadata(d):
+        (d / ".metadata").write_bytes(pickle.dumps(_Payload(str(marker))))
+
+    def evil_common(d):
+        torch.save({"x": _Payload(str(marker))}, d / "common.pt")
+
+    edits = {
+        "missing_shard": lambda d: biggest_shard(d).unlink(),
+        "truncated_shard": truncate,
+        "flipped_shard": flip,
+        "truncated_common": lambda d: (d / "common.pt").write_bytes(
+            (d / "common.pt").read_bytes()[:100]),
+        "flipped_metadata": lambda d: (d / ".metadata").write_bytes(
+            (d / ".metadata").read_bytes()[:-50] + bytes(50)),
+        "payload_metadata": evil_metadata,
+        "payload_common": evil_common,
+    }
+    names = {"missing_shard": None, "truncated_shard": None, "flipped_shard": None}
+    for name, edit in edits.items():
+        target = corrupt(name, edit)
+        if name in names and rank == 0:
+            names[name] = biggest_shard(good).name
+        run = build(common)
+        results[name] = _error_of(lambda: mc.load_state(*run.state(), target))
+        _finish(run)
+    results["shard_names"] = names
+    # Another model shape: fewer layers, and a narrower model.
+    for name, extra in (("fewer_layers", ["--model.num_layers=2"]),
+                        ("narrower", ["--model.hidden_size=32"])):
+        run = build(common + extra)
+        results[name] = _error_of(lambda: mc.load_state(*run.state(), good))
+        _finish(run)
+    results["marker_exists"] = marker.exists()
+    return results
+
+
+def _error_of(fn):
+    try:
+        fn()
+    except mc.CheckpointError as e:
+        return {"type": "CheckpointError", "message": str(e)}
+    except Exception as e:  # noqa: BLE001
+        return {"type": type(e).__name__, "message": traceback.format_exc()[-1500:]}
+    return {"type": None, "message": ""}
+
+
+CASES = {"reference": case_reference, "resume": case_resume, "fixes": case_fixes,
+         "bad_input": case_bad_input}
+
+
+def main() -> None:
+    spec_path = Path(sys.argv[1])
+    spec = json.loads(spec_path.read_text())
+    out = Path(spec["dir"])
+    results = {}
+    try:
+        for case in spec["cases"]:
+            t = time.perf_counter()
+            results[case["name"]] = CASES[case["kind"]](case, out, spec.get("common", []))
+            results[case["name"]]["case_s"] = time.perf_counter() - t
+            if dist.get_rank() == 0:
+                print(f"[ckpt_worker] {case['name']}: {time.perf_counter() - t:.1f}s", flush=True)
+        mc.wait_for_pending_save()
+    finally:
+        if dist.is_initialized() and dist.get_rank() == 0:
+            (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        destroy_parallel()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
