@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from gptforge.data.state import StateError
+
 _SPLIT_OFFSET = {"train": 0, "valid": 1 << 40}
 
 
@@ -23,10 +25,19 @@ class MockBatches:
         self.consumed = 0  # samples this rank has produced
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed}
+        """The global position: samples of every rank consumed so far (any DP size resumes)."""
+        steps, within = divmod(self.consumed, self.per_rank)
+        if within:
+            raise StateError(f"mock data: state taken mid global batch ({within} of "
+                             f"{self.per_rank} samples of dp_rank {self.dp_rank})")
+        return {"kind": "mock", "global_samples": steps * self.gbs}
 
     def load_state_dict(self, state: dict) -> None:
-        self.consumed = int(state["consumed"])
+        steps, within = divmod(int(state["global_samples"]), self.gbs)
+        if state.get("kind") != "mock" or within:
+            raise StateError(f"mock data: cannot restore {state!r} with a global batch of "
+                             f"{self.gbs}")
+        self.consumed = steps * self.per_rank
 
     def _global_indices(self) -> range:
         step, within = divmod(self.consumed, self.per_rank)

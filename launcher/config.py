@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from gptforge.data.config import DataConfig
-from gptforge.launcher.checkpoint import CheckpointConfig
+from gptforge.launcher.checkpoint import CheckpointConfig, validate_checkpoint_config
 from gptforge.launcher.metrics import LoggingConfig
 from gptforge.launcher.rundir import RunConfig
 from gptforge.launcher.trainer import TrainConfig
@@ -236,6 +236,7 @@ def validate(cfg: Config, world_size: int) -> Layout:
     except ModelConfigError as err:
         raise ConfigError(err.key, err.detail) from None
     _validate_train(cfg)
+    validate_checkpoint_config(cfg.checkpoint)
     validate_optim(cfg.optim, cfg.train.train_iters)
     m, t = cfg.model, cfg.train
     layout = derive_layout(cfg.parallel, world_size=world_size, num_layers=m.num_layers,

@@ -35,8 +35,10 @@ def user_error_types() -> tuple[type, ...]:
     from gptforge.model.config import ModelConfigError
     from gptforge.parallel.config import ConfigError
     from gptforge.parallel.context import LaunchError
+    from gptforge.parallel.engine import CheckpointError
 
-    return (ConfigError, ModelConfigError, DataError, RunDirError, LaunchError)
+    return (ConfigError, ModelConfigError, DataError, RunDirError, LaunchError,
+            CheckpointError)
 
 
 def is_user_error(exc: BaseException) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptforge.launcher.config import Config, dump_config, layout_notes, load_config, to_dict, validate
-from gptforge.launcher.errors import EXIT_OK, report
+from gptforge.launcher.errors import EXIT_CHECKPOINTED, EXIT_OK, report
 from gptforge.launcher.overrides import parse_train_args
 from gptforge.launcher.rundir import check_run_dir, refuse_previous_run, replace_previous_run
 from gptforge.launcher.throughput import flops_per_token, peak_tflops_per_device
@@ -26,18 +26,30 @@ class RunResult:
     records: list[dict] = field(default_factory=list)  # logged records (logging rank only)
     last_step: int = 0
     stopped_by: str = ""  # the signal that stopped the run early, if any
+    checkpointed: bool = False  # a checkpoint of last_step exists
 
 
 def preflight(cfg: Config, world_size: int, *, is_run_dir_owner: bool) -> Layout:
     """Config, run dir, data and tokenizer checks: cheap, no model, no process group."""
-    from gptforge.data.preflight import check_data
+    from gptforge.launcher.checkpoint import save_dir
 
     layout = validate(cfg, world_size)
+    start = find_start(cfg)
     if is_run_dir_owner:
+        own = save_dir(cfg.checkpoint, cfg.run.dir) if cfg.checkpoint.enabled else None
         refuse_previous_run(check_run_dir(cfg.run.dir), overwrite=cfg.run.overwrite,
-                            resuming=False)
-    check_data(cfg.data, seq_length=cfg.model.seq_length, vocab_size=cfg.model.vocab_size)
+                            resuming=start.resuming, checkpoint_dir=own)
+    check_data(cfg)
     return layout
+
+
+def check_data(cfg: Config) -> list[str]:
+    """The data and tokenizer checks (cheap: index files and sizes); returns notes."""
+    from gptforge.data.preflight import check_data as check
+
+    splits = ("train", "valid") if cfg.train.eval_interval else ("train",)
+    return check(cfg.data, splits=splits, seq_length=cfg.model.seq_length,
+                 vocab_size=cfg.model.vocab_size)
 
 
 def build_batches(cfg: Config, layout: Layout, ctx, split: str):
@@ -88,16 +100,60 @@ def write_sample(cfg: Config, model, is_logging_rank: bool) -> None:
         print(f"[gptforge] sample:\n{text}", flush=True)
 
 
-def _start_run_dir(cfg: Config) -> None:
+@dataclass
+class Start:
+    """Where this run starts: a checkpoint (its own, when restarting, or checkpoint.load)."""
+
+    checkpoint: Path | None = None
+    resuming: bool = False  # this run continues itself (same run dir, restart record)
+
+
+def find_start(cfg: Config) -> Start:
+    """The checkpoint to start from; a checkpoint of another model shape is refused here."""
+    from gptforge.launcher import checkpoint as ck
+
+    if cfg.run.overwrite:  # the previous run, checkpoints included, is being replaced
+        own = None if not cfg.checkpoint.load else ck.resolve(cfg.checkpoint.load)
+        start = Start(own, False)
+    else:
+        start = Start(*ck.find_start(cfg.checkpoint, cfg.run.dir))
+    if start.checkpoint is not None:
+        manifest = ck.read_manifest(start.checkpoint)
+        ck.check_compatible(manifest, to_dict(cfg.model), start.checkpoint)
+    return start
+
+
+def _start_run_dir(cfg: Config, start: Start) -> None:
     """Rank 0, before the model: refuse or replace a previous run, write config.yaml."""
+    from gptforge.launcher.checkpoint import save_dir
+
     path = check_run_dir(cfg.run.dir)
-    if refuse_previous_run(path, overwrite=cfg.run.overwrite, resuming=False):
-        replace_previous_run(path)
+    own = save_dir(cfg.checkpoint, cfg.run.dir)
+    if refuse_previous_run(path, overwrite=cfg.run.overwrite, resuming=start.resuming,
+                           checkpoint_dir=own if cfg.checkpoint.enabled else None):
+        keep = start.checkpoint is not None and own in start.checkpoint.parents
+        replace_previous_run(path, None if keep else own)
     dump_config(cfg, path / "config.yaml")
 
 
+def _tokenizer_sha256(cfg: Config) -> str | None:
+    if not cfg.data.tokenizer_model:
+        return None
+    from gptforge.data import tokenizer
+
+    return tokenizer.info(cfg.data.tokenizer_model).sha256
+
+
+def _say(ctx, text: str) -> None:
+    if ctx.rank == 0:
+        print(f"[gptforge] {text}", flush=True)
+
+
 def run(cfg: Config) -> RunResult:
-    """Train on this rank (stops early, at one step on every rank, after SIGTERM/INT/USR1)."""
+    """Train on this rank: resume if there is a checkpoint, save at the configured steps, stop
+    at one step on every rank (and checkpoint) after SIGTERM/SIGINT/SIGUSR1."""
+    from gptforge.launcher.checkpoint import crash_point
+    from gptforge.launcher.checkpointer import Checkpointer
     from gptforge.launcher.metrics import build_sink
     from gptforge.launcher.signals import StopRequest
     from gptforge.launcher.trainer import Throughput, train
@@ -108,41 +164,66 @@ def run(cfg: Config) -> RunResult:
     rank, world_size, _ = env_rank_info()
     check_launch_env(rank, world_size)
     layout = validate(cfg, world_size)
+    start = find_start(cfg)
     if rank == 0:
-        _start_run_dir(cfg)
-    from gptforge.data.preflight import check_data
-
-    notes = check_data(cfg.data, seq_length=cfg.model.seq_length, vocab_size=cfg.model.vocab_size)
+        _start_run_dir(cfg, start)
+    notes = check_data(cfg)
     stop = StopRequest(announce=rank == 0).install()
     ctx = init_parallel(cfg.parallel)
     try:
-        if rank == 0:
-            for note in [*layout_notes(cfg, layout), *notes]:
-                print(f"[gptforge] {note}", flush=True)
+        for note in [*layout_notes(cfg, layout), *notes]:
+            _say(ctx, note)
         set_seed(cfg.train.seed, ctx.pp_rank)
-        if rank == 0:
-            print(f"[gptforge] building the model ({cfg.parallel.engine} engine)", flush=True)
+        _say(ctx, f"building the model ({cfg.parallel.engine} engine)")
         engine = build_engine(cfg, layout, ctx)
+        batches = build_batches(cfg, layout, ctx, "train")
+        ckpt = Checkpointer(cfg.checkpoint, run_dir=cfg.run.dir, ctx=ctx, engine=engine,
+                            batches=batches, config=to_dict(cfg), layout=layout,
+                            tokenizer_sha256=_tokenizer_sha256(cfg), stop=stop)
         sink = build_sink(cfg.run.dir, cfg.logging, ctx.is_logging_rank)
         sink.log_params({f"{s}.{k}": v for s, sec in to_dict(cfg).items()
                          for k, v in sec.items()})
+        # (measured before a load: it draws random numbers, and the RNG is restored last)
         throughput = Throughput(
             tokens_per_step=cfg.train.global_batch_size * cfg.model.seq_length,
             flops_per_token=flops_per_token(cfg.model, layout.padded_vocab_size),
             world_size=ctx.world_size,
             peak_tflops_per_device=peak_tflops_per_device(cfg.precision.dtype))
-        loop = train(engine, iter(build_batches(cfg, layout, ctx, "train")), cfg.train,
-                     num_microbatches=layout.num_microbatches, throughput=throughput, sink=sink,
+        start_step = 0
+        if start.checkpoint is not None:
+            load_optim = cfg.checkpoint.load_optim or start.resuming
+            start_step = ckpt.load(start.checkpoint, load_optim=load_optim)
+            event = "restart" if start.resuming else "loaded"
+            sink.log({"event": event, "step": start_step, "checkpoint": str(start.checkpoint),
+                      "load_optim": load_optim})
+            _say(ctx, f"{event} from {start.checkpoint} at step {start_step}")
+        interval = cfg.checkpoint.save_interval if cfg.checkpoint.enabled else 0
+
+        def should_stop(step: int) -> bool:
+            crash_point("after_step", step)
+            ckpt.poll()
+            if any_rank(ctx, stop.requested):
+                return True
+            if interval and step % interval == 0:
+                ckpt.save(step, "interval", sync=False)
+            return False
+
+        loop = train(engine, iter(batches), cfg.train, num_microbatches=layout.num_microbatches,
+                     throughput=throughput, sink=sink, start_step=start_step,
                      make_valid_iter=lambda: iter(build_batches(cfg, layout, ctx, "valid")),
-                     should_stop=lambda step: any_rank(ctx, stop.requested))
+                     should_stop=should_stop)
         result = RunResult(records=loop.records if ctx.is_logging_rank else [],
                            last_step=loop.last_step,
                            stopped_by=stop.signal_name if loop.stopped_early else "")
+        if cfg.checkpoint.enabled and loop.last_step > 0:
+            reason = "signal" if result.stopped_by else "final"
+            ckpt.save(loop.last_step, reason, sync=True)
+            result.checkpointed = True
+        ckpt.drain()
         if result.stopped_by:
             sink.log({"event": "stopped", "step": loop.last_step, "signal": result.stopped_by})
-            if ctx.rank == 0:
-                print(f"[gptforge] stopped by {result.stopped_by} after step {loop.last_step}",
-                      flush=True)
+            _say(ctx, f"stopped by {result.stopped_by} after step {loop.last_step}"
+                 + ("; the same command resumes" if result.checkpointed else ""))
         elif cfg.sample.prompt:
             write_sample(cfg, engine.model_chunks[0], ctx.is_logging_rank)
         sink.close()
@@ -155,7 +236,9 @@ def run(cfg: Config) -> RunResult:
 def exit_code(result: RunResult) -> int:
     import signal
 
-    return 128 + signal.Signals[result.stopped_by] if result.stopped_by else EXIT_OK
+    if not result.stopped_by:
+        return EXIT_OK
+    return EXIT_CHECKPOINTED if result.checkpointed else 128 + signal.Signals[result.stopped_by]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,6 +152,20 @@ def _gloo_world_group():
     return _GLOO_WORLD
 
 
+def all_gather_objects(ctx: ParallelContext, obj) -> list:
+    """Every rank's ``obj`` (small, picklable), on every rank, indexed by global rank."""
+    if ctx.world_size == 1:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj, group=ctx.control_group)
+    return out
+
+
+def barrier(ctx: ParallelContext) -> None:
+    if ctx.world_size > 1:
+        dist.barrier(group=ctx.control_group)
+
+
 def any_rank(ctx: ParallelContext, flag: bool) -> bool:
     """True on every rank when ``flag`` is True on any rank (a collective over all ranks)."""
     if ctx.world_size == 1:

@@ -13,6 +13,10 @@ from typing import Protocol
 import torch
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be saved here or loaded into this model; names the file/key."""
+
+
 @dataclass
 class StepResult:
     loss: float | None  # mean over the global batch; None on ranks that do not hold it
@@ -31,6 +35,13 @@ class Engine(Protocol):
 
     @property
     def num_parameters(self) -> int: ...
+
+    def save(self, directory, *, async_save: bool = False):
+        """Collective: write model, optimizer and scheduler state; returns a handle with
+        ``wait()``, ``poll()`` (collective) and ``files`` (what this rank wrote)."""
+
+    def load(self, directory, *, load_optim: bool = True) -> dict:
+        """Collective: load any layout's save into this one (weights only without optim)."""
 
 
 # name -> "module:Class"; imported only when chosen.

@@ -388,12 +388,21 @@ def _check_zip(raw: bytes, where: str) -> None:
         raise CheckpointError(f"{where}: corrupted (CRC mismatch in record {bad})")
 
 
+def _reason(e: Exception) -> str:
+    """The line of torch's weights-only refusal that names the global; else the first line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "global" in line.split(" ", 3)[:3]:
+            return line
+    return lines[0][:300] if lines else type(e).__name__
+
+
 def _safe_torch_load(raw: bytes, where: str):
     _check_zip(raw, where)
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{where}: refused or unreadable ({e})") from e
+        raise CheckpointError(f"{where}: refused or unreadable ({_reason(e)})") from e
 
 
 def read_common(directory) -> dict:

@@ -94,6 +94,9 @@ class MegatronEngine:
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from gptforge.parallel import megatron_fixes
+
+        megatron_fixes.apply()  # before the optimizer exists: its load paths are patched
         self.ctx, self.seq_length = ctx, seq_length
         # Chunks are built on CPU (use_cpu_initialization): move them before wrapping.
         chunks = [chunk.to(ctx.device) for chunk in chunks]
@@ -109,6 +112,18 @@ class MegatronEngine:
             tcfg.no_sync_func = tcfg.no_sync_func[0]
         self._forward_backward = get_forward_backward_func()
         self._param_count = sum(p.numel() for c in chunks for p in c.parameters())
+
+    def save(self, directory, *, async_save: bool = False):
+        from gptforge.parallel.megatron_checkpoint import save_state
+
+        return save_state(self.model_chunks, self.optimizer, self.scheduler, directory,
+                          async_save=async_save)
+
+    def load(self, directory, *, load_optim: bool = True) -> dict:
+        from gptforge.parallel.megatron_checkpoint import load_state
+
+        return load_state(self.model_chunks, self.optimizer, self.scheduler, directory,
+                          load_optim=load_optim)
 
     @property
     def num_parameters(self) -> int:

@@ -1,7 +1,12 @@
-"""Seeding: python/numpy/torch generators and megatron's model-parallel RNG tracker."""
+"""Seeding: python/numpy/torch generators and megatron's model-parallel RNG tracker.
+
+``rng_state()`` returns every generator's state as plain JSON (no pickles), so checkpoints can
+restore dropout and sampling exactly and be read safely.
+"""
 
 from __future__ import annotations
 
+import base64
 import random
 
 import numpy as np
@@ -19,24 +24,40 @@ def set_seed(seed: int, pp_rank: int = 0) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
 
 
+def _tensor_to_text(state: torch.Tensor) -> str:
+    return base64.b64encode(state.cpu().numpy().tobytes()).decode()
+
+
+def _text_to_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
 def rng_state() -> dict:
-    """Every generator's state, for checkpoints."""
+    """Every generator's state, JSON-serialisable."""
     from megatron.core import tensor_parallel
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": _tensor_to_text(torch.get_rng_state()),
+             "tracker": {k: _tensor_to_text(v) for k, v in
+                         tensor_parallel.get_cuda_rng_tracker().get_states().items()}}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = _tensor_to_text(torch.cuda.get_rng_state())
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned."""
     from megatron.core import tensor_parallel
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_text_to_tensor(state["torch"]))
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    tracker.set_states({k: _text_to_tensor(v) for k, v in state["tracker"].items()})
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(_text_to_tensor(state["cuda"]))

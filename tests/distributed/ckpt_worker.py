@@ -4,10 +4,10 @@ argv[1]: a JSON file {"dir": out_dir, "common": [overrides], "cases": [{"name", 
 Rank 0 writes <dir>/results.json: {case name: result}. Cases (see ``CASES``):
 
 - reference: train ``steps`` steps uninterrupted; the losses.
-- resume:    train ``save_at`` steps in layout ``save``, save (sync or async; async keeps training
-  while the writer runs), then a fresh engine in layout ``load`` loads it and trains to
-  ``steps``; the losses after the load, the save time and files. ``save`` may be omitted to load
-  an earlier case's checkpoint (``from``).
+- resume:    train ``save_at`` steps in layout ``save``, save (sync or async), go on training to
+  ``steps`` (the uninterrupted losses, "continued"); then a fresh engine in layout ``load`` loads
+  the checkpoint and trains to ``steps`` ("losses"). Also the save/load times and files. Without
+  ``save``, loads an earlier case's checkpoint (``from``).
 - fix_*:     one megatron fix switched off, then on (see megatron_fixes).
 - bad_input: corrupted/hostile copies of a checkpoint; the CheckpointError messages.
 
@@ -16,7 +16,9 @@ Rank 0 writes <dir>/results.json: {case name: result}. Cases (see ``CASES``):
 
 from __future__ import annotations
 
+import io
 import json
+import multiprocessing
 import os
 import pickle
 import shutil
@@ -99,11 +101,13 @@ def _save_and_continue(spec, out, common):
     run = build(common + spec["save"])
     for _ in range(spec["save_at"]):
         run.step()
-    handle = mc.save_state(*run.state(), ckpt, async_save=spec.get("async", False))
+    with megatron_fixes.disabled(*spec.get("disable", [])):
+        handle = mc.save_state(*run.state(), ckpt, async_save=spec.get("async", False))
     info = {"blocked_s": handle.blocked_s}
+    # The uninterrupted run: the same engine goes on. With an async save it trains while the
+    # writer runs, so the checkpoint must hold the step-k state, not what training does next.
+    info["continued"] = [run.step() for _ in range(spec["steps"] - spec["save_at"])]
     if spec.get("async"):
-        # Keep training while the writer runs: the checkpoint must hold the step-k state.
-        info["losses_during_write"] = [run.step() for _ in range(2)]
         info["done_before_wait"] = handle.done
         handle.wait()
     info["total_s"] = handle.total_s
@@ -121,7 +125,7 @@ def case_resume(spec, out: Path, common):
         ckpt, info = out / spec["from"], {}
     run = build(common + spec["load"])
     t = time.perf_counter()
-    record = mc.load_state(*run.state(), ckpt)
+    record = mc.load_state(*run.state(), ckpt, load_optim=spec.get("load_optim", True))
     info["load_s"] = time.perf_counter() - t
     info["record"] = record
     run.skip_to(spec["save_at"])
@@ -250,6 +254,22 @@ def case_bad_input(spec, out: Path, common):
     def evil_common(d):
         torch.save({"x": _Payload(str(marker))}, d / "common.pt")
 
+    def evil_object_item(d):
+        """A ShardedObject's byte item (a valid, CRC-correct torch.save zip) → the payload."""
+        md = mc.read_metadata(d)
+        info = next(s for i, s in md.storage_data.items() if "/shard_" in i.fqn)
+        path = d / info.relative_path
+        data = path.read_bytes()
+        buf = io.BytesIO()
+        torch.save([_Payload(str(marker))], buf)
+        evil = buf.getvalue()
+        path.write_bytes(data[:info.offset] + evil + data[info.offset + info.length:])
+        for other in md.storage_data.values():
+            if other.relative_path == info.relative_path and other.offset > info.offset:
+                other.offset += len(evil) - info.length
+        info.length = len(evil)
+        (d / ".metadata").write_bytes(pickle.dumps(md))
+
     edits = {
         "missing_shard": lambda d: biggest_shard(d).unlink(),
         "truncated_shard": truncate,
@@ -260,19 +280,18 @@ def case_bad_input(spec, out: Path, common):
             (d / ".metadata").read_bytes()[:-50] + bytes(50)),
         "payload_metadata": evil_metadata,
         "payload_common": evil_common,
+        "payload_object_item": evil_object_item,
     }
-    names = {"missing_shard": None, "truncated_shard": None, "flipped_shard": None}
+    results["biggest_shard"] = biggest_shard(good).name
     for name, edit in edits.items():
         target = corrupt(name, edit)
-        if name in names and rank == 0:
-            names[name] = biggest_shard(good).name
         run = build(common)
         results[name] = _error_of(lambda: mc.load_state(*run.state(), target))
         _finish(run)
-    results["shard_names"] = names
     # Another model shape: fewer layers, and a narrower model.
     for name, extra in (("fewer_layers", ["--model.num_layers=2"]),
-                        ("narrower", ["--model.hidden_size=32"])):
+                        ("narrower", ["--model.hidden_size=32"]),
+                        ("untied_output", ["--model.tie_embeddings=false"])):
         run = build(common + extra)
         results[name] = _error_of(lambda: mc.load_state(*run.state(), good))
         _finish(run)
@@ -290,8 +309,28 @@ def _error_of(fn):
     return {"type": None, "message": ""}
 
 
+def case_spawn(spec, out: Path, common):
+    """The first save of a process (megatron would start a spawn Manager here, 4-5 s) and the
+    results queue that replaces it: a forked writer's large result, read after the join."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    run = build(common)
+    run.step()
+    t = time.perf_counter()
+    mc.save_state(*run.state(), out / "spawn_ckpt")
+    first_save_s = time.perf_counter() - t
+    _finish(run)
+    queue = filesystem_async._get_write_results_queue()
+    payload = list(range(200_000))  # ~1 MB pickled: far more than a pipe buffer
+    child = multiprocessing.get_context("fork").Process(target=queue.put, args=(payload,))
+    child.start()
+    child.join(timeout=60)
+    return {"first_save_s": first_save_s, "queue_type": type(queue).__name__,
+            "child_exitcode": child.exitcode, "round_trip": queue.get_nowait() == payload}
+
+
 CASES = {"reference": case_reference, "resume": case_resume, "fixes": case_fixes,
-         "bad_input": case_bad_input}
+         "bad_input": case_bad_input, "spawn": case_spawn}
 
 
 def main() -> None:
