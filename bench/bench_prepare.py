@@ -1,5 +1,6 @@
-"""``data prepare`` MB/s (whole command: start-up, tokenizing, writing shards) of raw text per worker against plain sentencepiece encode of the same
-documents (one thread). Prints a table; not a timed test.
+"""``data prepare`` MB/s (whole command: start-up, tokenizing, writing shards) of raw text per
+worker against plain sentencepiece encode of the same documents (one thread). Prints a table;
+not a timed test.
 
     .venv/bin/python bench/bench_prepare.py [--vocab-size 8000]
 """

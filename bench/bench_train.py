@@ -76,7 +76,8 @@ class PlainGPT(nn.Module):
         self.ln_f = nn.LayerNorm(h, eps=1e-5)
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                std = 0.02 / math.sqrt(2 * layers) if name.endswith(("proj.weight", "fc2.weight")) else 0.02
+                scaled = name.endswith(("proj.weight", "fc2.weight"))
+                std = 0.02 / math.sqrt(2 * layers) if scaled else 0.02
                 nn.init.normal_(p, std=std)
 
     def forward(self, tokens, position_ids, labels):

@@ -82,18 +82,15 @@ class RankGroup:
     def codes(self) -> list[int | None]:
         return [proc.poll() for proc in self.procs]
 
-    def first_error(self) -> str | None:
-        records = []
+    def error_records(self) -> dict[int, dict]:
+        records = {}
         for path in Path(self.error_dir).glob("rank-*.json"):
             try:
-                records.append(json.loads(path.read_text()))
+                record = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-        if not records:
-            return None
-        # A user error anywhere explains the others' broken connections; else the earliest.
-        records.sort(key=lambda r: (not r.get("user_error"), r["time"]))
-        return records[0]["line"]
+            records[record["rank"]] = record
+        return records
 
     def cleanup(self) -> None:
         for path in Path(self.error_dir).glob("*"):
@@ -101,36 +98,53 @@ class RankGroup:
         os.rmdir(self.error_dir)
 
 
+def _describe_exit(rank: int, code: int) -> str:
+    if code < 0:
+        return (f"rank {rank} was killed by {signal.Signals(-code).name}; the other ranks were "
+                f"stopped (the newest complete checkpoint resumes the run)")
+    return f"rank {rank} exited with code {code} (see its output above)"
+
+
+def _failure_line(group: RankGroup, first_rank: int, first_code: int) -> str:
+    """A user error anywhere explains the others' broken connections; else the rank that
+    failed first, in its own words if it left any."""
+    records = group.error_records()
+    users = sorted((r for r in records.values() if r.get("user_error")), key=lambda r: r["time"])
+    if users:
+        return users[0]["line"]
+    if first_rank in records:
+        return records[first_rank]["line"]
+    return f"gptforge: error: {_describe_exit(first_rank, first_code)}"
+
+
 def _supervise(group: RankGroup, stop: dict) -> int:
     """Wait for every rank; stop the rest when one fails. Returns the run's exit code."""
+    first: tuple[int, int] | None = None  # (rank, code) of the first rank seen failing
     failed_at = None
     while True:
         codes = group.codes()
         if all(code is not None for code in codes):
             break
-        bad = [c for c in codes if c not in (None, EXIT_OK, EXIT_CHECKPOINTED)]
-        if bad and failed_at is None:
-            failed_at = time.monotonic()
-            group.signal_all(signal.SIGTERM)
+        for rank, code in enumerate(codes):
+            if first is None and code not in (None, EXIT_OK, EXIT_CHECKPOINTED):
+                first, failed_at = (rank, code), time.monotonic()
+                group.signal_all(signal.SIGTERM)
         if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
             group.kill_all()
         if stop["count"] >= 3:
             group.kill_all()
         time.sleep(0.05)
-    codes = [c for c in group.codes()]
-    failures = [c for c in codes if c not in (EXIT_OK, EXIT_CHECKPOINTED)]
-    if failures:
-        line = group.first_error()
-        first_code = next(c for c in codes if c not in (EXIT_OK, EXIT_CHECKPOINTED))
-        if line is None and stop["signum"] is not None:
-            print(f"gptforge: stopped by {signal.Signals(stop['signum']).name}", file=sys.stderr)
-            return 128 + stop["signum"]
-        if line is None:
-            line = (f"gptforge: error: rank {codes.index(first_code)} exited with code "
-                    f"{first_code} (see its output above)")
-        print(line, file=sys.stderr, flush=True)
-        return first_code if first_code > 0 else EXIT_INTERNAL_ERROR
-    return EXIT_CHECKPOINTED if EXIT_CHECKPOINTED in codes else EXIT_OK
+    codes = group.codes()
+    if first is None:
+        first = next(((r, c) for r, c in enumerate(codes)
+                      if c not in (EXIT_OK, EXIT_CHECKPOINTED)), None)
+    if first is None:
+        return EXIT_CHECKPOINTED if EXIT_CHECKPOINTED in codes else EXIT_OK
+    if stop["signum"] is not None and not group.error_records():
+        print(f"gptforge: stopped by {signal.Signals(stop['signum']).name}", file=sys.stderr)
+        return 128 + stop["signum"]
+    print(_failure_line(group, *first), file=sys.stderr, flush=True)
+    return first[1] if first[1] > 0 else EXIT_INTERNAL_ERROR
 
 
 def launch_local(nproc: int, argv: list[str]) -> int:

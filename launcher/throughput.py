@@ -40,7 +40,7 @@ def flops_per_token(model: ModelConfig, padded_vocab_size: int) -> float:
 
 
 def _measured_cpu_peak_tflops(dtype: torch.dtype) -> float:
-    """CPUs have no spec sheet here: the best of a few 1024^3 matmuls with this process's threads."""
+    """CPUs have no spec sheet: the best of a few 1024^3 matmuls with this process's threads."""
     a = torch.randn(1024, 1024, dtype=dtype)
     b = torch.randn(1024, 1024, dtype=dtype)
     a @ b

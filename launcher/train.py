@@ -13,7 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptforge.launcher.config import Config, dump_config, layout_notes, load_config, to_dict, validate
+from gptforge.launcher.config import (Config, dump_config, layout_notes, load_config, to_dict,
+                                      validate)
 from gptforge.launcher.errors import EXIT_CHECKPOINTED, EXIT_OK, report
 from gptforge.launcher.overrides import parse_train_args
 from gptforge.launcher.rundir import check_run_dir, refuse_previous_run, replace_previous_run

@@ -5,7 +5,6 @@ Same constructor and call as megatron's DotProductAttention, so a ModuleSpec can
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -22,7 +21,7 @@ class SDPAttention(DotProductAttention):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask_type = attn_mask_type or self.attn_mask_type
         causal = attention_mask is None and mask_type == AttnMaskType.causal
-        # megatron masks are True where attention is NOT allowed; SDPA's boolean mask is the opposite.
+        # megatron masks are True where attention is NOT allowed; SDPA's bool mask is the opposite.
         mask = None if attention_mask is None else ~attention_mask
         dropout = self.config.attention_dropout if self.training else 0.0
         context = F.scaled_dot_product_attention(

@@ -8,10 +8,13 @@ in by the caller), so this module knows nothing of parallelism.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 class ModelConfigError(ValueError):
@@ -79,7 +82,8 @@ def validate_model(model: ModelConfig) -> None:
         raise ModelConfigError("model.num_query_groups", f"{groups} does not divide "
                                f"model.num_attention_heads={model.num_attention_heads}")
     if model.ffn_hidden_size is not None and model.ffn_hidden_size < 1:
-        raise ModelConfigError("model.ffn_hidden_size", f"must be >= 1, got {model.ffn_hidden_size}")
+        raise ModelConfigError("model.ffn_hidden_size",
+                               f"must be >= 1, got {model.ffn_hidden_size}")
     for key in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(model, key) < 1.0:
             raise ModelConfigError(f"model.{key}", f"must be in [0, 1), got {getattr(model, key)}")

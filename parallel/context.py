@@ -132,7 +132,8 @@ def init_parallel(cfg_parallel, backend: str | None = None) -> ParallelContext:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return ParallelContext(
         rank=rank, world_size=world_size, local_rank=local_rank,
-        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         pp_size=ps.get_pipeline_model_parallel_world_size(),
         vpp_size=vpp if vpp and vpp > 1 else None,

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from tests.conftest import ROOT, TINY, metrics, train_losses
+from tests.conftest import ROOT, TINY, metrics
 
 pytestmark = pytest.mark.slow  # several real processes
 

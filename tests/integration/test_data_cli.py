@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -27,7 +25,8 @@ def test_cli_pipeline_with_sigkill_resume_feeds_the_loader(tmp_path):
     corpus = write_text_corpus(tmp_path / "corpus", STDLIB_BIGGER)
     run("tokenizer", "train", "--input", f"{corpus}/*.txt", "--vocab-size", "2000",
         "--model-prefix", str(tmp_path / "tok"), "--input-sentence-size", "20000")
-    prepare = ["data", "prepare", "--input", str(corpus), "--tokenizer", str(tmp_path / "tok.model"),
+    prepare = ["data", "prepare", "--input", str(corpus),
+               "--tokenizer", str(tmp_path / "tok.model"),
                "--valid-fraction", "0.05", "--shard-size-mb", "0.05", "--workers", "1",
                "--no-progress", "--command", "same"]
     run(*prepare, "--out", str(tmp_path / "clean"))

@@ -1,4 +1,4 @@
-"""Fixtures shared by the data unit tests: a stdlib text corpus and a small tokenizer, built once."""
+"""Fixtures of the data unit tests: a stdlib text corpus and a small tokenizer, built once."""
 
 from __future__ import annotations
 

@@ -79,7 +79,8 @@ def test_inconsistent_values_name_the_key(overrides, world, key):
 
 
 def test_vocab_is_padded_for_tp_and_the_padding_is_reported():
-    cfg = load_config([TINY], ["--model.vocab_size=1000", "--parallel.tensor_model_parallel_size=2"])
+    cfg = load_config([TINY], ["--model.vocab_size=1000",
+                               "--parallel.tensor_model_parallel_size=2"])
     layout = validate(cfg, 2)
     assert layout.padded_vocab_size == 1024
     assert any(n.startswith("model.vocab_size: padded 1000 -> 1024")

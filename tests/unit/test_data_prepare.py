@@ -15,7 +15,6 @@ import pytest
 from gptforge.data import tokenizer
 from gptforge.data.prepare import CRASH_ENV, PrepareError, PrepareSettings, prepare
 from gptforge.data.shards import iter_shard_members
-from gptforge.data.synthetic import write_text_corpus
 from gptforge.data.text_inputs import InputError
 
 
@@ -64,6 +63,7 @@ def test_valid_split_is_a_stable_hash_of_the_document(text_corpus, tiny_tokenize
     valid_small = {d for _, d in iter_shard_members(tmp_path / "s" / "valid-000000.tar")}
     valid_large = {d for _, d in iter_shard_members(tmp_path / "l" / "valid-000000.tar")}
     assert valid_small < valid_large
+    assert len(valid_large) == large["splits"]["valid"]["docs"]
 
 
 @pytest.fixture(scope="module")

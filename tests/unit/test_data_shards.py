@@ -28,7 +28,8 @@ def test_writer_matches_tarfile_and_reads_back(tmp_path):
     assert (tmp_path / "s.tar.tmp").exists() and not (tmp_path / "s.tar").exists()
     size = writer.close()
     assert not (tmp_path / "s.tar.tmp").exists() and size == (tmp_path / "s.tar").stat().st_size
-    tarfile_reference(tmp_path / "ref.tar", [(f"{k:010d}.u16", d.tobytes()) for k, d in enumerate(docs)])
+    tarfile_reference(tmp_path / "ref.tar",
+                      [(f"{k:010d}.u16", d.tobytes()) for k, d in enumerate(docs)])
     assert (tmp_path / "s.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()
     back = read_shard(str(tmp_path / "s.tar"))
     assert [d.tolist() for d in back] == [d.tolist() for d in docs]

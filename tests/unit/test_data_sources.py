@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import tarfile
@@ -10,13 +9,11 @@ import tarfile
 import numpy as np
 import pytest
 
-from pathlib import Path
 
 from gptforge.data.loader import build_loader
 from gptforge.data.shardspec import SourceError
 from gptforge.data.shards import ShardError
-from gptforge.data import tokenizer
-from gptforge.data.synthetic import unique_docs, write_text_corpus, write_token_dataset
+from gptforge.data.synthetic import unique_docs, write_token_dataset
 from gptforge.data.tokenizer import TokenizerError
 from gptforge.data.config import DataConfig, DataSourceConfig
 
