@@ -119,7 +119,9 @@ def main() -> None:
     engine.train_step([next(batches) for _ in range(nmb)])  # Adam state exists
     state = (engine.model_chunks, engine.optimizer, engine.scheduler)
 
-    root = Path(args.dir or tempfile.mkdtemp(prefix="gptforge-bench-ckpt-"))
+    box = [args.dir or (tempfile.mkdtemp(prefix="gptforge-bench-ckpt-") if rank == 0 else None)]
+    dist.broadcast_object_list(box, src=0)  # one directory for every rank
+    root = Path(box[0])
     rows: dict[str, list] = {"sync": [], "async": [], "load": [], "disk": []}
     total_bytes = 0
     for i in range(args.repeats):

@@ -95,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "validate and print the resolved configuration",
                      "validate for N ranks (default: TP x PP)")
     from gptforge.data import cli as data_cli
+    from gptforge.launcher import checkpoint_cli
 
     data_cli.register(verbs)
+    checkpoint_cli.register(verbs)
     return parser
 
 

@@ -139,7 +139,12 @@ def _supervise(group: RankGroup, stop: dict) -> int:
         first = next(((r, c) for r, c in enumerate(codes)
                       if c not in (EXIT_OK, EXIT_CHECKPOINTED)), None)
     if first is None:
-        return EXIT_CHECKPOINTED if EXIT_CHECKPOINTED in codes else EXIT_OK
+        if EXIT_CHECKPOINTED not in codes:
+            return EXIT_OK
+        name = signal.Signals(stop["signum"]).name if stop["signum"] else "a signal"
+        print(f"gptforge: stopped by {name} after saving a checkpoint; the same command "
+              f"resumes the run", file=sys.stderr, flush=True)
+        return EXIT_CHECKPOINTED
     if stop["signum"] is not None and not group.error_records():
         print(f"gptforge: stopped by {signal.Signals(stop['signum']).name}", file=sys.stderr)
         return 128 + stop["signum"]

@@ -1,6 +1,6 @@
 """Run megatron-core on a CPU-only torch. Applied by ``apply()`` only when CUDA is absent.
 
-megatron-core 0.16 hard-codes CUDA in four ways (see shared/FINDINGS.md); each is answered here
+megatron-core 0.16 hard-codes CUDA in four ways; each is answered here
 and nowhere else:
 
 1. ``torch.cuda.current_device()`` as an allocation device → returns the CPU device;

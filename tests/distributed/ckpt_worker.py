@@ -50,8 +50,8 @@ class Run:
 
     def skip_to(self, step: int) -> None:
         """Position the batches after ``step`` global batches (mock data: layout-independent)."""
-        per_rank = self.cfg.train.global_batch_size // self.ctx.dp_size
-        self.batches.load_state_dict({"consumed": step * per_rank})
+        self.batches.load_state_dict({"kind": "mock",
+                                      "global_samples": step * self.cfg.train.global_batch_size})
 
     def step(self) -> float:
         result = self.engine.train_step([next(self.batches) for _ in range(self.num_microbatches)])
@@ -101,8 +101,12 @@ def _save_and_continue(spec, out, common):
     run = build(common + spec["save"])
     for _ in range(spec["save_at"]):
         run.step()
-    with megatron_fixes.disabled(*spec.get("disable", [])):
-        handle = mc.save_state(*run.state(), ckpt, async_save=spec.get("async", False))
+    own, mc._OWN_DISTOPT_SAVE = mc._OWN_DISTOPT_SAVE, not spec.get("megatron_save", False)
+    try:
+        with megatron_fixes.disabled(*spec.get("disable", [])):
+            handle = mc.save_state(*run.state(), ckpt, async_save=spec.get("async", False))
+    finally:
+        mc._OWN_DISTOPT_SAVE = own
     info = {"blocked_s": handle.blocked_s}
     # The uninterrupted run: the same engine goes on. With an async save it trains while the
     # writer runs, so the checkpoint must hold the step-k state, not what training does next.

@@ -1,8 +1,8 @@
 """One rank of a multi-layout launch: trains each layout in turn, re-using the process group.
 
 argv[1]: a JSON file {"layouts": {name: [overrides]}, "common": [overrides]}. For each layout the
-logging rank writes <dir>/<name>.json with the logged records. An override ``probe=grads``
-also writes the gradients of the first step (see ``_grads``).
+logging rank writes <dir>/<name>.json with the logged records. ``{dir}`` in an override is
+replaced by that directory (a layout can load another layout's checkpoint).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main() -> None:
     try:
         for name, overrides in spec["layouts"].items():
             run_dir = spec_path.parent / name
+            overrides = [o.replace("{dir}", str(spec_path.parent)) for o in overrides]
             cfg = load_config([TINY], [*spec["common"], *overrides, f"--run.dir={run_dir}"])
             records = run(cfg).records
             if records:

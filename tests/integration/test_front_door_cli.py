@@ -172,15 +172,21 @@ def test_a_failure_inside_one_rank_is_reported_once(tmp_path, data):
 
 
 def test_a_second_identical_run_is_refused_and_overwrite_starts_fresh(tmp_path):
-    first = train(tmp_path)
+    """Without checkpoints a run cannot be continued: a second one is refused. (With them, the
+    second run continues the first: tests/integration/test_checkpoint_resume.py.)"""
+    first = train(tmp_path, "--checkpoint.enabled=false")
     assert first.returncode == 0, first.stderr[-2000:]
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
-    second = train(tmp_path)
+    second = train(tmp_path, "--checkpoint.enabled=false")
     assert_one_line_error(second, "run.dir", tmp_path / "run", "--run.overwrite=true")
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
     third = train(tmp_path, "--run.overwrite=true")
     assert third.returncode == 0, third.stderr[-2000:]
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
+    assert (tmp_path / "run" / "checkpoints" / "step-0000003").is_dir()
+    fourth = train(tmp_path, "--run.overwrite=true")  # replaces checkpoints too: no resume
+    assert fourth.returncode == 0 and "restart" not in (tmp_path / "run" /
+                                                          "metrics.jsonl").read_text()
 
 
 # ------------------------------------------------------------------ signals
@@ -231,7 +237,7 @@ def test_a_signal_to_the_launcher_leaves_no_rank_behind(tmp_path, signum):
     assert not any(_alive(r) for r in ranks), "a rank outlived the launcher"
     if signum == signal.SIGKILL:
         return
-    assert proc.returncode == 128 + signum
+    assert proc.returncode == 75  # checkpointed: the same command resumes
     assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err
     assert len([line for line in err.splitlines() if line.startswith("gptforge:")]) == 1
     stop = [r for r in metrics(tmp_path / "run") if r.get("event") == "stopped"]
