@@ -254,3 +254,15 @@ def test_master_addr_is_required_for_a_multi_node_rank(tmp_path):
                            "--run.dir", str(tmp_path), "--parallel.tensor_model_parallel_size=4"],
                           capture_output=True, text=True, cwd=ROOT, env=env_all, timeout=120)
     assert_one_line_error(proc, "MASTER_ADDR", "multi-node", "rank 0")
+
+
+@pytest.mark.slow
+def test_a_rank_killed_with_sigkill_stops_the_run_naming_it(tmp_path):
+    proc, ranks = _start_long_run(tmp_path)
+    os.kill(ranks[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("gptforge:")]
+    assert lines == [lines[0]] and "rank 1 was killed by SIGKILL" in lines[0], err[-2000:]
+    assert "Traceback" not in out + err
+    assert not any(_alive(r) for r in ranks)
