@@ -15,9 +15,16 @@ On disk (one directory, torch_dist backend, the layout Megatron-LM writes)::
 
 Tensor keys do not depend on the layout: ``embedding.word_embeddings.weight``,
 ``decoder.layers.mlp.linear_fc1.weight`` (layers stacked on a leading axis, so a PP/VPP stage
-addresses its slice), ``optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>``. The
-distributed optimizer is saved ``fully_reshardable`` (megatron's canonical per-param form), so a
-checkpoint loads into any TP / PP / VPP / DP layout, with the distributed optimizer on or off.
+addresses its slice), ``optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>`` (Adam state in
+the model's shape). The optimizer state is megatron's ``fully_reshardable`` content (metadata
+``distrib_optim_sharding_type``), so a checkpoint loads into any TP / PP / VPP / DP layout, with
+the distributed optimizer on or off, and Megatron-LM's own loader reads it. The distributed
+optimizer writes it without megatron's DP all-gather: each rank writes the boxes of each param it
+owns, and loads its boxes straight into its state (see "without a DP gather" below).
+
+Async saves (``async_save=True``) hold the training loop only while the state dicts are built and
+planned and the writer is forked (on GPUs: plus the copy to host); a background process writes
+and fsyncs, and ``SaveHandle.wait()`` (collective) finishes the save at a step boundary.
 
 Loading never unpickles arbitrary objects: ``.metadata`` goes through a restricted unpickler
 that only builds torch.distributed.checkpoint's metadata classes, ``common.pt`` and every tensor
@@ -29,12 +36,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import io
 import json
 import os
 import pickle
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -53,11 +62,11 @@ CONFIG_FILE = "metadata.json"
 # across TP/PP and DP; ``dp_reshardable`` (DP only) is kept for the fix (c) test.
 _SAVE_SHARDING_TYPE = "fully_reshardable"
 _OPTIM_PREFIX = "optimizer."
-# Save the distributed optimizer's state as per-rank boxes (no DP gather; see below). False:
-# megatron's own fully_reshardable save (gathers; tests use it to exercise fix (e)).
+# Save / load the distributed optimizer's state as per-rank boxes (no DP gather, in place; see
+# below). False: megatron's own fully_reshardable save / load (tests use them to exercise the
+# megatron_fixes of those paths).
 _OWN_DISTOPT_SAVE = True
-
-
+_OWN_DISTOPT_LOAD = True
 
 
 class WrittenFile(NamedTuple):
@@ -106,17 +115,20 @@ def _optimizer_step(optimizer) -> int:
     """Adam's step (the same for every param): 0 before the first optimizer step."""
     steps = set()
     for opt in _inner_optimizers(optimizer):
-        for state in opt.optimizer.state.values():
-            if "step" in state:
-                steps.add(int(state["step"]))
-        for group in opt.optimizer.param_groups:  # fused Adams keep it in the group
-            if "step" in group and group.get("params"):
-                steps.add(int(group["step"]))
+        per_param = {int(s["step"]) for s in opt.optimizer.state.values() if "step" in s}
+        # Fused Adams keep it in the group. torch's Adam does not, but a load can leave a stale
+        # "step" there (the distributed optimizer's saved param groups carry one): not read.
+        per_group = {int(g["step"]) for g in opt.optimizer.param_groups
+                     if "step" in g and g.get("params")}
+        steps |= per_param or per_group
     if len(steps) > 1:
         raise CheckpointError(f"optimizer: Adam steps differ between params: {sorted(steps)}")
     local = steps.pop() if steps else 0
-    # A rank whose optimizer owns no params has no step: take the others'.
-    t = torch.tensor([local], dtype=torch.int64)
+    # A rank whose optimizer owns no params has no step: take the others'. (A device tensor:
+    # the default group is NCCL on GPUs.)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    t = torch.tensor([local], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
@@ -259,6 +271,57 @@ def _optimizer_save_state(optimizer, model_sharded_state_dict, meta: dict):
     return parts[0] if len(parts) == 1 else dict(enumerate(parts))
 
 
+def _compact_cpu_views(state) -> None:
+    """Give every CPU view in a save state dict a storage of its own size, sharing memory.
+
+    megatron's writer clones each CPU tensor whose storage is larger than itself (torch.save
+    would otherwise write the whole storage): every param (a view of DDP's buffer) and every
+    optimizer box -- a full copy of the state on the training thread. A tensor over a *slice* of
+    the storage has the same bytes, is not cloned and saves only itself. Sync: written before
+    save_state returns. Async on CPU: the forked writer reads its copy-on-write snapshot.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    for _, leaf in _sharded_leaves(state):
+        data = getattr(leaf, "data", None)
+        if not isinstance(leaf, ShardedTensor) or not isinstance(data, torch.Tensor) \
+                or data.device.type != "cpu" or not data.is_contiguous():
+            continue
+        nbytes = data.numel() * data.element_size()
+        storage = data.untyped_storage()
+        if storage.nbytes() == nbytes:
+            continue
+        start = data.storage_offset() * data.element_size()
+        piece = storage[start:start + nbytes]
+        if piece.data_ptr() != data.data_ptr():  # slicing copied: leave it to megatron
+            continue
+        leaf.data = torch.empty(0, dtype=data.dtype).set_(piece, 0, data.shape)
+
+
+def _distopt_in_place_request(optimizer, model_request, sharding: str, ckpt_keys: set[str]):
+    """The distributed optimizer's load request as this rank's boxes, viewing the live state.
+
+    DCP then reads exactly the bytes this DP rank owns straight into its Adam state (megatron's
+    fully_reshardable request instead allocates the whole DP-gathered state on every rank and
+    reads all of it). None where that cannot be done: another optimizer kind saved the
+    checkpoint (keys to translate), another sharding type, an unsupported optimizer.
+    """
+    inner = _inner_optimizers(optimizer)
+    if not _OWN_DISTOPT_LOAD or sharding != "fully_reshardable" or \
+            not all(_is_distributed(o) for o in inner):
+        return None
+    for opt in inner:
+        if len(opt.optimizer.state) == 0:  # allocate the state to load into (as megatron does)
+            opt.load_state_dict(opt.state_dict())
+    try:
+        parts = [{"param_state": _distopt_param_state(opt, model_request)} for opt in inner]
+    except _Unsupported:
+        return None
+    if any(leaf.key not in ckpt_keys for part in parts for _, leaf in _sharded_leaves(part)):
+        return None
+    return parts[0] if len(parts) == 1 else dict(enumerate(parts))
+
+
 def _sharded_metadata(sharding_type: str) -> dict:
     return {"distrib_optim_sharding_type": sharding_type, "chained_optim_avoid_prefix": True}
 
@@ -343,30 +406,36 @@ class SaveHandle:
 
     def poll(self) -> bool:
         """Collective, non-blocking: finish the save if every rank's writer is done."""
-        if self.done:
-            return True
-        if self._queue.maybe_finalize_async_calls(blocking=False):
+        if not self.done and self._finalize(blocking=False):
             self._finish()
         return self.done
 
     def wait(self) -> "SaveHandle":
         """Collective: block until every rank's files are durable; idempotent."""
-        if self.done:
-            return self
-        if self._queue is not None:
-            try:
-                self._queue.maybe_finalize_async_calls(blocking=True)
-            except (Exception, DCPCheckpointException) as e:  # raised on every rank
-                raise CheckpointError(f"{self.directory}: save failed: {e}") from e
-            finally:
-                global _IN_FLIGHT
-                if _IN_FLIGHT is self:
-                    _IN_FLIGHT = None
-        self._finish()
+        if not self.done:
+            self._finalize(blocking=True)
+            self._finish()
         return self
 
-    def _finish(self) -> None:
+    def _finalize(self, blocking: bool) -> bool:
+        """megatron's collective finalize: .metadata (rank 0) once every writer is done."""
+        if self._queue is None:
+            return True
+        try:
+            done = bool(self._queue.maybe_finalize_async_calls(blocking=blocking))
+        except (Exception, DCPCheckpointException) as e:  # raised on every rank
+            self._release()
+            raise CheckpointError(f"{self.directory}: save failed: {e}") from e
+        return done
+
+    def _release(self) -> None:
+        global _IN_FLIGHT
         self._queue = None
+        if _IN_FLIGHT is self:
+            _IN_FLIGHT = None
+
+    def _finish(self) -> None:
+        self._release()
         rank = dist.get_rank()
         names = [n for n in os.listdir(self.directory)
                  if n.startswith(f"__{rank}_") and n.endswith(".distcp")]
@@ -385,6 +454,17 @@ class SaveHandle:
 
 
 _IN_FLIGHT: SaveHandle | None = None
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def save_state(model_chunks, optimizer, scheduler, directory, *,
@@ -413,8 +493,10 @@ def save_state(model_chunks, optimizer, scheduler, directory, *,
 
     chunks = _unwrap(model_chunks)
     meta = _sharded_metadata(_SAVE_SHARDING_TYPE)
-    state = _model_sharded_state_dict(chunks)
-    state["optimizer"] = _optimizer_save_state(optimizer, state, meta)
+    with _gc_paused():  # thousands of small objects: a full collection here costs ~0.2 s
+        state = _model_sharded_state_dict(chunks)
+        state["optimizer"] = _optimizer_save_state(optimizer, state, meta)
+        _compact_cpu_views(state)
     state["opt_param_scheduler"] = scheduler.state_dict()
     state["gptforge"] = {"format": FORMAT_VERSION, "optimizer_kind": _optimizer_kind(optimizer),
                          "optimizer_step": _optimizer_step(optimizer),
@@ -528,10 +610,29 @@ def read_metadata(directory) -> Any:
 
 
 def _check_zip(raw: bytes, where: str) -> None:
-    """Verify every record's CRC-32 of a torch.save zip (torch.load does not)."""
+    """Verify every record's CRC-32 of a torch.save zip (torch.load does not).
+
+    torch.save stores records uncompressed: the CRC is computed straight over the bytes in
+    place (zipfile's own testzip reads each record through Python-level buffers, ~3x slower).
+    """
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
-            bad = zf.testzip()
+            infos = zf.infolist()
+            if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+                bad = zf.testzip()
+            else:
+                view, bad = memoryview(raw), None
+                for info in infos:
+                    header = info.header_offset
+                    if raw[header:header + 4] != b"PK\x03\x04":
+                        raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+                    name_len = int.from_bytes(raw[header + 26:header + 28], "little")
+                    extra_len = int.from_bytes(raw[header + 28:header + 30], "little")
+                    start = header + 30 + name_len + extra_len
+                    end = start + info.compress_size
+                    if end > len(raw) or zlib.crc32(view[start:end]) != info.CRC:
+                        bad = info.filename
+                        break
     except Exception as e:
         raise CheckpointError(f"{where}: corrupted ({e})") from e
     if bad is not None:
@@ -918,7 +1019,7 @@ def load_state(model_chunks, optimizer, scheduler, directory, *, load_optim: boo
     chunks = _unwrap(model_chunks)
 
     # 1. Local reads and checks; the verdict is shared so that every rank raises together.
-    error, metadata, common, keys = None, None, None, []
+    error, metadata, common, keys, in_place = None, None, None, [], None
     try:
         if not directory.is_dir():
             raise CheckpointError(f"{directory}: no such checkpoint directory")
@@ -938,9 +1039,15 @@ def load_state(model_chunks, optimizer, scheduler, directory, *, load_optim: boo
                 raise CheckpointError(f"{directory}: optimizer state saved {sharding!r} by a "
                                       f"{record.get('optimizer_kind')} optimizer cannot be "
                                       f"loaded into a {_optimizer_kind(optimizer)} one")
-            request["optimizer"] = optimizer.sharded_state_dict(
-                request, is_loading=True, metadata=_sharded_metadata(sharding))
-            _translate_optimizer_keys(request["optimizer"], set(metadata.state_dict_metadata))
+            ckpt_keys = set(metadata.state_dict_metadata)
+            with _gc_paused():
+                in_place = _distopt_in_place_request(optimizer, request, sharding, ckpt_keys)
+            if in_place is not None:
+                request["optimizer"] = in_place
+            else:
+                request["optimizer"] = optimizer.sharded_state_dict(
+                    request, is_loading=True, metadata=_sharded_metadata(sharding))
+                _translate_optimizer_keys(request["optimizer"], ckpt_keys)
         keys = _validate_request(request, metadata, directory)
     except CheckpointError as e:
         error = str(e)
@@ -974,17 +1081,26 @@ def load_state(model_chunks, optimizer, scheduler, directory, *, load_optim: boo
     for name, chunk in zip(names, chunks):
         chunk.load_state_dict(_fill(request[name], loaded[name]), strict=True)
     if load_optim:
-        state = _fill(request["optimizer"], loaded["optimizer"],
-                      _loaded_model_shards(request, loaded, names))
         inner = _inner_optimizers(optimizer)
-        parts = [state] if len(inner) == 1 else [state[i] for i in range(len(inner))]
         disk_optim = common.get("optimizer", {})
-        for opt, part in zip(inner, parts):
-            _set_step(opt, part, int(record["optimizer_step"]))
-            if "grad_scaler" in part and isinstance(disk_optim, dict) \
-                    and "grad_scaler" in disk_optim:
-                part["grad_scaler"] = disk_optim["grad_scaler"]
-        optimizer.load_state_dict(state)
+        disk_scaler = disk_optim.get("grad_scaler") if isinstance(disk_optim, dict) else None
+        step = int(record["optimizer_step"])
+        if in_place is not None:  # the state is loaded already: param groups, step, scaler
+            for opt in inner:
+                part = opt.state_dict()
+                _set_step(opt, part, step)
+                if "grad_scaler" in part and disk_scaler is not None:
+                    part["grad_scaler"] = disk_scaler
+                opt.load_state_dict(part)
+        else:
+            state = _fill(request["optimizer"], loaded["optimizer"],
+                          _loaded_model_shards(request, loaded, names))
+            parts = [state] if len(inner) == 1 else [state[i] for i in range(len(inner))]
+            for opt, part in zip(inner, parts):
+                _set_step(opt, part, step)
+                if "grad_scaler" in part and disk_scaler is not None:
+                    part["grad_scaler"] = disk_scaler
+            optimizer.load_state_dict(state)
         scheduler.load_state_dict(common["opt_param_scheduler"])
     else:
         optimizer.reload_model_params()

@@ -16,9 +16,13 @@ e      ``DistributedOptimizer.sharded_param_state_fully_reshardable``: slices th
        state at padded buffer offsets, but the gathered state has the padding removed
 =====  ==========================================================================================
 
-Fixes a-d concern the torch-Adam path of the distributed optimizer (no Apex/TE: CPU, and our
-GPU machines too); where Apex or Transformer Engine provides the optimizer they step aside.
-``disabled(*names)`` switches fixes off for a block, so that tests can show each one matters.
+Fixes a, b and d concern the torch-Adam path of the distributed optimizer (no Apex/TE: CPU, and
+our GPU machines too); where Apex or Transformer Engine provides the optimizer they step aside.
+c and e apply to every distributed optimizer. megatron_checkpoint's own distributed-optimizer
+save and load (per-rank boxes, read in place) do not go through the code of b, c and e, but
+megatron's own paths do (its fallback for unsupported optimizers, Megatron-LM-style tools);
+a and d matter to both. ``disabled(*names)`` switches fixes off for a block, so that tests can
+show each one matters.
 """
 
 from __future__ import annotations

@@ -134,6 +134,10 @@ def case_resume(spec, out: Path, common):
     info["record"] = record
     run.skip_to(spec["save_at"])
     info["losses"] = [run.step() for _ in range(spec["steps"] - spec["save_at"])]
+    if spec.get("resave"):  # a loaded engine saves again: the step it records
+        again = out / f"{spec['name']}_resaved"
+        mc.save_state(*run.state(), again)
+        info["resaved_step"] = mc.read_common(again)["gptforge"]["optimizer_step"]
     _finish(run)
     return info
 
@@ -162,20 +166,25 @@ def case_fixes(spec, out: Path, common):
     mc.save_state(*run.state(), ckpt)
     _finish(run)
 
-    def resume(disabled=(), sharded_ckpt=ckpt):
-        with megatron_fixes.disabled(*disabled):
-            run = build(layout)
-            mc.load_state(*run.state(), sharded_ckpt)
-            steps_after_load = {id(s["step"]) for opt in mc._inner_optimizers(run.engine.optimizer)
-                                for s in opt.optimizer.state.values()}
-            n_states = sum(len(opt.optimizer.state)
-                           for opt in mc._inner_optimizers(run.engine.optimizer))
-            run.skip_to(k)
-            losses = [run.step() for _ in range(steps - k)]
-            step_values = sorted({int(s["step"]) for opt in
-                                  mc._inner_optimizers(run.engine.optimizer)
-                                  for s in opt.optimizer.state.values()})
-            _finish(run)
+    def resume(disabled=(), sharded_ckpt=ckpt, megatron_load=True):
+        # Fixes a-d are about megatron's own load path: use it (ours reads in place).
+        own, mc._OWN_DISTOPT_LOAD = mc._OWN_DISTOPT_LOAD, not megatron_load
+        try:
+            with megatron_fixes.disabled(*disabled):
+                run = build(layout)
+                mc.load_state(*run.state(), sharded_ckpt)
+                optimizers = mc._inner_optimizers(run.engine.optimizer)
+                steps_after_load = {id(s["step"]) for opt in optimizers
+                                    for s in opt.optimizer.state.values()}
+                n_states = sum(len(opt.optimizer.state) for opt in optimizers)
+                run.skip_to(k)
+                losses = [run.step() for _ in range(steps - k)]
+                step_values = sorted({int(s["step"]) for opt in
+                                      mc._inner_optimizers(run.engine.optimizer)
+                                      for s in opt.optimizer.state.values()})
+                _finish(run)
+        finally:
+            mc._OWN_DISTOPT_LOAD = own
         return {"losses": losses, "distinct_step_tensors": len(steps_after_load),
                 "param_states": n_states, "step_values": step_values}
 
@@ -185,6 +194,9 @@ def case_fixes(spec, out: Path, common):
         result[f"without_{name}"] = _expect_failure(lambda: resume((name,)))
         destroy_model_parallel()
     result["without_d"] = resume(("d",))
+    # Our in-place load relies on (a) and (d) too.
+    result["in_place_all_fixes"] = resume(megatron_load=False)
+    result["in_place_without_d"] = resume(("d",), megatron_load=False)
 
     # (c) shows on the dp_reshardable load path (fully_reshardable's loader has no_grad).
     dp_ckpt = out / "fixes_dp_reshardable"

@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.slow  # several real processes
 WORKER = Path(__file__).resolve().parent / "ckpt_worker.py"
 COMMON = ["--train.train_iters=20", "--train.eval_interval=0"]
 K, N = 2, 5  # save after step K, compare steps K+1..N
@@ -33,11 +34,11 @@ def _resume(name, save, load, **extra):
 
 TWO_RANKS = [
     {"name": "ref_dp2", "kind": "reference", "steps": N},
-    _resume("dp2_distopt", [DISTOPT], [DISTOPT]),
+    _resume("dp2_distopt", [DISTOPT], [DISTOPT], resave=True),
     _resume("dp2", [], []),
     _resume("tp2", [TP2], [TP2]),
     _resume("dp2_distopt_async", [DISTOPT], [DISTOPT], **{"async": True}),
-    _resume("tp2_to_dp2_distopt", [TP2], [DISTOPT]),
+    _resume("tp2_to_dp2_distopt", [TP2], [DISTOPT], resave=True),
     _resume("pp2_to_tp2", [PP2], [TP2]),
     _resume("pp2_vpp2_distopt", [PP2, VPP2, DISTOPT], [PP2, VPP2, DISTOPT]),
     {"name": "pp2_vpp2_distopt_to_dp2", "kind": "resume", "from": "pp2_vpp2_distopt",
@@ -101,6 +102,11 @@ def test_resume_same_layout_is_bitwise(two, case):
     r = two[case]
     assert r["losses"] == r["continued"], r
     assert r["record"]["optimizer_step"] == K
+
+
+@pytest.mark.parametrize("case", ["dp2_distopt", "tp2_to_dp2_distopt"])
+def test_a_loaded_engine_saves_the_step_it_reached(two, case):
+    assert two[case]["resaved_step"] == N
 
 
 def test_saving_does_not_perturb_training(two):
@@ -183,9 +189,10 @@ def test_fix_c_load_paths_run_without_grad(one):
     assert f["dp_reshardable_all_fixes"]["losses"] == f["reference"]
 
 
-def test_fix_d_every_param_owns_its_adam_step(one):
+@pytest.mark.parametrize("path", ["", "in_place_"])  # megatron's load path, and ours
+def test_fix_d_every_param_owns_its_adam_step(one, path):
     f = one["fixes"]
-    bad, good = f["without_d"], f["all_fixes"]
+    bad, good = f[f"{path}without_d"], f[f"{path}all_fixes"]
     assert bad["distinct_step_tensors"] == 1 < bad["param_states"]
     assert bad["step_values"] == [K + bad["param_states"] * (N - K)]  # advanced once per param
     assert bad["losses"] != f["reference"]

@@ -68,7 +68,6 @@ def uninterrupted(shards, tmp_path_factory):
 @pytest.mark.parametrize("crash, resumes_at", [
     ("after_step:5", 4),       # killed after its step-4 checkpoint, mid-way to the next
     ("before_rename:6", 4),    # killed while saving step 6: files written, not committed
-    ("before_manifest:6", 4),  # killed before the manifest of step 6
 ])
 def test_killed_run_resumes_bitwise(shards, uninterrupted, tmp_path, crash, resumes_at):
     run_dir = tmp_path / "run"

@@ -63,7 +63,7 @@ def test_valid_split_is_a_stable_hash_of_the_document(text_corpus, tiny_tokenize
     valid_small = {d for _, d in iter_shard_members(tmp_path / "s" / "valid-000000.tar")}
     valid_large = {d for _, d in iter_shard_members(tmp_path / "l" / "valid-000000.tar")}
     assert valid_small < valid_large
-    assert len(valid_large) == large["splits"]["valid"]["docs"]
+    assert 0.2 < large["splits"]["valid"]["docs"] / docs < 0.4
 
 
 @pytest.fixture(scope="module")
