@@ -136,7 +136,7 @@ def main() -> None:
             nbytes = _sum_all(sum(f.bytes for f in handle.files))
             total_bytes = nbytes
             rows[mode].append({"blocked_s": _max_all(blocked), "total_s": _max_all(total),
-                               "bytes": nbytes})
+                               "bytes": nbytes, "rank0_phases": handle.timings})
         dist.barrier()
         start = time.perf_counter()
         mc.load_state(*state, root / f"sync_{i}")
@@ -167,6 +167,10 @@ def main() -> None:
             print(f"{label:12s}{s:10.2f}{gb / s:8.2f}   {each}")
         ratio = med("async", "blocked_s") / med("sync", "total_s")
         print(f"async blocks the loop for {100 * ratio:.1f}% of a sync save's time")
+        for mode in ("sync", "async"):
+            for i, r in enumerate(rows[mode]):
+                phases = " ".join(f"{k} {v:.2f}" for k, v in r["rank0_phases"].items())
+                print(f"  {mode} #{i} rank 0 phases (s): {phases}")
         if args.json:
             Path(args.json).write_text(json.dumps({"params": params, "layout": args.layout,
                                                    "rows": rows, "bytes": total_bytes,

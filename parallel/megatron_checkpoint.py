@@ -121,16 +121,17 @@ def _optimizer_step(optimizer) -> int:
         per_group = {int(g["step"]) for g in opt.optimizer.param_groups
                      if "step" in g and g.get("params")}
         steps |= per_param or per_group
-    if len(steps) > 1:
-        raise CheckpointError(f"optimizer: Adam steps differ between params: {sorted(steps)}")
-    local = steps.pop() if steps else 0
-    # A rank whose optimizer owns no params has no step: take the others'. (A device tensor:
-    # the default group is NCCL on GPUs.)
+    # A rank whose optimizer owns no params has no step: take the others'. Every rank learns
+    # whether any rank's steps disagree, so all raise together. (A device tensor: the default
+    # group is NCCL on GPUs.)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
-    t = torch.tensor([local], dtype=torch.int64, device=device)
+    t = torch.tensor([max(steps, default=0), len(steps) > 1], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    if t[1].item():
+        raise CheckpointError(f"optimizer: Adam steps differ between params (this rank: "
+                              f"{sorted(steps)}); megatron checkpoints one shared step")
+    return int(t[0].item())
 
 
 # ---- the distributed optimizer's state without a DP gather ------------------------------------
@@ -382,7 +383,8 @@ class SaveHandle:
     rank's files are written and fsynced (directory entries too) and DCP's ``.metadata`` (the
     index, written last) exists. ``files`` then lists what this rank wrote, with sizes.
     ``blocked_s`` is how long ``save_state`` held the training loop; ``total_s`` the time from
-    the call to the end of ``wait()``.
+    the call to the end of ``wait()``; ``timings`` this rank's seconds per phase (prepare_dir,
+    state_dict, plan, stage or write, finalize, fsync).
     """
 
     def __init__(self, directory: Path, async_save: bool, started: float):
@@ -393,6 +395,7 @@ class SaveHandle:
         self._files: list[WrittenFile] | None = None
         self.blocked_s: float | None = None
         self.total_s: float | None = None
+        self.timings: dict[str, float] = {}  # seconds per phase, this rank
 
     @property
     def done(self) -> bool:
@@ -413,8 +416,11 @@ class SaveHandle:
     def wait(self) -> "SaveHandle":
         """Collective: block until every rank's files are durable; idempotent."""
         if not self.done:
+            start = time.perf_counter()
             self._finalize(blocking=True)
+            self.timings["finalize"] = time.perf_counter() - start
             self._finish()
+            self.timings["fsync"] = time.perf_counter() - start - self.timings["finalize"]
         return self
 
     def _finalize(self, blocking: bool) -> bool:
@@ -488,8 +494,11 @@ def save_state(model_chunks, optimizer, scheduler, directory, *,
     if _IN_FLIGHT is not None:
         _IN_FLIGHT.wait()
     started = time.perf_counter()
-    directory = Path(directory)
+    handle = SaveHandle(Path(directory), async_save, started)
+    directory = handle.directory
+    clock = _Clock(handle.timings)
     _rank0_prepare_dir(directory)
+    clock("prepare_dir")
 
     chunks = _unwrap(model_chunks)
     meta = _sharded_metadata(_SAVE_SHARDING_TYPE)
@@ -501,6 +510,7 @@ def save_state(model_chunks, optimizer, scheduler, directory, *,
     state["gptforge"] = {"format": FORMAT_VERSION, "optimizer_kind": _optimizer_kind(optimizer),
                          "optimizer_step": _optimizer_step(optimizer),
                          "optimizer_sharding": _SAVE_SHARDING_TYPE}
+    clock("state_dict")
 
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1)
     group = _dp_group()
@@ -509,22 +519,34 @@ def save_state(model_chunks, optimizer, scheduler, directory, *,
     try:
         request = dist_checkpointing.save(state, str(directory), strategy,
                                           async_sharded_save=True, content_metadata=meta)
-    except Exception as e:
-        raise CheckpointError(f"{directory}: save failed: {e}") from e
-    handle = SaveHandle(directory, async_save, started)
-    if async_save:
-        handle._queue = AsyncCallsQueue(persistent=False)  # persistent: CUDA-only worker
-        handle._queue.schedule_async_request(request)
-        _IN_FLIGHT = handle
-    else:
-        try:
+        clock("plan")  # common.pt, validation, fully-parallel distribution, DCP plan
+        if async_save:
+            handle._queue = AsyncCallsQueue(persistent=False)  # persistent: CUDA-only worker
+            handle._queue.schedule_async_request(request)
+            _IN_FLIGHT = handle
+            clock("stage")  # device-to-host copies (GPU) and the writer's fork
+        else:
             request.execute_sync()
-        except (Exception, DCPCheckpointException) as e:
-            raise CheckpointError(f"{directory}: save failed: {e}") from e
-    handle.blocked_s = time.perf_counter() - started
+            clock("write")
+    except (Exception, DCPCheckpointException) as e:  # DCP's is a BaseException
+        raise CheckpointError(f"{directory}: save failed: {e}") from e
     if not async_save:
         handle._finish()
+        clock("fsync")
+    handle.blocked_s = time.perf_counter() - started
     return handle
+
+
+class _Clock:
+    """Adds the seconds since the last call to ``timings[phase]``."""
+
+    def __init__(self, timings: dict):
+        self.timings, self.last = timings, time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
+        self.last = now
 
 
 def wait_for_pending_save() -> None:
@@ -1011,11 +1033,27 @@ def load_state(model_chunks, optimizer, scheduler, directory, *, load_optim: boo
     refreshed from them). Raises CheckpointError (the same on every rank, naming the file or
     key) for another model shape, a missing or truncated shard, a corrupted or unsafe file.
     Returns the checkpoint's "gptforge" record (format, optimizer kind and step).
+
+    Everything that can be checked before reading tensors is (config, index, every shard's
+    presence and length, common.pt, keys and shapes): such errors leave the model and optimizer
+    untouched. A corrupted record found *while* reading (CRC mismatch) can leave the weights
+    partly overwritten: load another checkpoint or rebuild the engine after that error.
     """
+    megatron_fixes.apply()
+    # Optimizers without state are given some to load into; a failed load takes it back.
+    fresh = [o for o in _inner_optimizers(optimizer) if len(o.optimizer.state) == 0] \
+        if load_optim else []
+    try:
+        return _load_state(model_chunks, optimizer, scheduler, Path(directory), load_optim)
+    except BaseException:
+        for opt in fresh:
+            opt.optimizer.state.clear()
+        raise
+
+
+def _load_state(model_chunks, optimizer, scheduler, directory: Path, load_optim: bool) -> dict:
     from megatron.core import dist_checkpointing
 
-    megatron_fixes.apply()
-    directory = Path(directory)
     chunks = _unwrap(model_chunks)
 
     # 1. Local reads and checks; the verdict is shared so that every rank raises together.

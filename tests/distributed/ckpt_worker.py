@@ -303,6 +303,7 @@ def case_bad_input(spec, out: Path, common):
         target = corrupt(name, edit)
         run = build(common)
         results[name] = _error_of(lambda: mc.load_state(*run.state(), target))
+        results[name]["optimizer_state_left"] = _optimizer_state_size(run)
         _finish(run)
     # Another model shape: fewer layers, and a narrower model.
     for name, extra in (("fewer_layers", ["--model.num_layers=2"]),
@@ -310,9 +311,15 @@ def case_bad_input(spec, out: Path, common):
                         ("untied_output", ["--model.tie_embeddings=false"])):
         run = build(common + extra)
         results[name] = _error_of(lambda: mc.load_state(*run.state(), good))
+        results[name]["optimizer_state_left"] = _optimizer_state_size(run)
         _finish(run)
     results["marker_exists"] = marker.exists()
     return results
+
+
+def _optimizer_state_size(run: Run) -> int:
+    """Params with Adam state: a fresh engine whose load failed must still have none."""
+    return sum(len(o.optimizer.state) for o in mc._inner_optimizers(run.engine.optimizer))
 
 
 def _error_of(fn):

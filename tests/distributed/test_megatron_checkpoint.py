@@ -216,6 +216,7 @@ def test_fix_e_fully_reshardable_with_multi_bucket_buffers(two):
 def _error(one, name):
     err = one["bad"][name]
     assert err["type"] == "CheckpointError", err
+    assert err["optimizer_state_left"] == 0  # the fresh optimizer stays fresh
     return err["message"]
 
 
