@@ -29,6 +29,17 @@ class _Pending:
     extra_files: list = field(default_factory=list)  # (relative path) written by this rank
 
 
+def global_loader_state(states_by_dp_rank: list[dict]) -> dict:
+    """One layout-free data position from every DP rank's ``state_dict()`` (mock batches are
+    global already; WebDataset streams are merged so that any DP size can take them over)."""
+    first = states_by_dp_rank[0]
+    if "streams" in first:
+        from gptforge.data.state import merge_states
+
+        return merge_states(states_by_dp_rank)
+    return first
+
+
 class Checkpointer:
     def __init__(self, cfg: ck.CheckpointConfig, *, run_dir: str, ctx, engine, batches,
                  config: dict, layout, tokenizer_sha256: str | None, stop):
@@ -90,12 +101,7 @@ class Checkpointer:
         ranks = pc.all_gather_objects(self.ctx, (self.ctx.tp_rank, self.ctx.pp_rank,
                                                  self.ctx.dp_rank, state))
         per_dp = sorted((dp, st) for tp, pp, dp, st in ranks if tp == 0 and pp == 0)
-        states = [st for _, st in per_dp]
-        if states and "streams" in states[0]:  # WebDataset: one state per DP rank → global
-            from gptforge.data.state import merge_states
-
-            return merge_states(states)
-        return states[0]
+        return global_loader_state([st for _, st in per_dp])
 
     def _my_files(self, p: _Pending) -> list[tuple[str, int, int]]:
         rels = [f"{ck.STATE_DIR}/{f.path}" for f in p.handle.wait().files] + p.extra_files

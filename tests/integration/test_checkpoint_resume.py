@@ -65,28 +65,31 @@ def uninterrupted(shards, tmp_path_factory):
     return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
 
 
-@pytest.mark.parametrize("crash, resumes_at", [
-    ("after_step:5", 4),       # killed after its step-4 checkpoint, mid-way to the next
-    ("before_rename:6", 4),    # killed while saving step 6: files written, not committed
+@pytest.mark.parametrize("crash, resumes_at, extra", [
+    ("after_step:5", 4, []),       # SIGKILLed after its step-4 checkpoint, mid-way to the next
+    ("before_rename:6", 4, []),    # SIGKILLed while saving step 6: files written, not committed
+    # async: step 4's save is committed at a later step boundary, so step 2 is the latest
+    ("after_step:5", 2, ["--checkpoint.async_save=true"]),
 ])
-def test_killed_run_resumes_bitwise(shards, uninterrupted, tmp_path, crash, resumes_at):
+def test_killed_run_resumes_bitwise(shards, uninterrupted, tmp_path, crash, resumes_at, extra):
     run_dir = tmp_path / "run"
-    killed = gptforge(*train_args(shards, run_dir), env={CRASH: crash})
-    assert killed.returncode == 137
+    killed = gptforge(*train_args(shards, run_dir, 8, *extra), env={CRASH: crash})
+    assert killed.returncode == -signal.SIGKILL
     save = run_dir / "checkpoints"
     assert ck.read_latest(save).name == ck.step_name(resumes_at)
     assert (save / ck.LATEST).read_text().split()[0] == ck.step_name(resumes_at)
     if crash.startswith("before_"):
         assert [p.name for p in ck.partial_checkpoints(save)] == ["step-0000006.partial"]
-    again = gptforge(*train_args(shards, run_dir))  # the same command
+    again = gptforge(*train_args(shards, run_dir, 8, *extra))  # the same command
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = losses_after_last_restart(run_dir)
     assert sorted(resumed) == list(range(resumes_at + 1, 9))
     for step, loss in resumed.items():
         assert loss == uninterrupted[step], (step, loss, uninterrupted[step])  # bitwise
     assert ck.partial_checkpoints(save) == []  # the leftover was cleaned by the next save
-    assert [p.name for p in ck.complete_checkpoints(save)] == [
-        "step-0000004", "step-0000006", "step-0000008"]  # keep_last=3
+    assert [p.name for p in ck.complete_checkpoints(save)][-2:] == [
+        "step-0000006", "step-0000008"]
+    assert len(ck.complete_checkpoints(save)) <= 3 + (resumes_at == 2)  # keep_last, + loaded
 
 
 def test_sigusr1_checkpoints_both_ranks_at_one_step_and_the_restart_is_bitwise(shards,
@@ -136,6 +139,22 @@ def test_rerunning_a_finished_run_continues_it_without_mixing(shards, tmp_path):
     events = [(r["event"], r["step"]) for r in records if "event" in r]
     assert events == [("restart", 4)]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_load_optim_false_loads_the_weights_and_starts_a_new_schedule(shards, saved, tmp_path):
+    fresh = gptforge(*train_args(shards, tmp_path / "fresh", 4))
+    tuned = gptforge(*train_args(shards, tmp_path / "tuned", 4),
+                     f"--checkpoint.load={saved}", "--checkpoint.load_optim=false")
+    assert fresh.returncode == 0 and tuned.returncode == 0, tuned.stderr[-3000:]
+    f, t = metrics(tmp_path / "fresh"), metrics(tmp_path / "tuned")
+    assert [r["step"] for r in t if "loss" in r] == [1, 2, 3, 4]  # a new schedule from step 0
+    assert [r["lr"] for r in t if "loss" in r] == [r["lr"] for r in f if "loss" in r]
+    loaded = [r for r in t if r.get("event") == "loaded"]
+    assert loaded and loaded[0]["load_optim"] is False and loaded[0]["step"] == 0
+    # the weights are the saved run's: its first loss is already below a fresh model's
+    first_tuned = next(r["loss"] for r in t if "loss" in r)
+    first_fresh = next(r["loss"] for r in f if "loss" in r)
+    assert first_tuned < first_fresh - 0.01, (first_tuned, first_fresh)
 
 
 # ------------------------------------------------------------------ bad checkpoints
