@@ -7,6 +7,8 @@ code (``launcher/errors.py``); ``--debug`` (or ``GPTFORGE_DEBUG=1``) adds the tr
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
 import warnings
@@ -15,6 +17,10 @@ import warnings
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
 
 CONFIG_USAGE = "[--config FILE ...] [--section.key=value ...]"
+# Modules that add verbs: each has register(subparsers).
+VERB_MODULES = ("gptforge.data.cli", "gptforge.launcher.checkpoint_cli",
+                "gptforge.launcher.plan_cli", "gptforge.launcher.launch_cli",
+                "gptforge.launcher.convert_cli")
 
 
 def _nproc(args: argparse.Namespace) -> int | None:
@@ -94,11 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_verb(verbs, "config", _config,
                      "validate and print the resolved configuration",
                      "validate for N ranks (default: TP x PP)")
-    from gptforge.data import cli as data_cli
-    from gptforge.launcher import checkpoint_cli
-
-    data_cli.register(verbs)
-    checkpoint_cli.register(verbs)
+    for module in VERB_MODULES:
+        if importlib.util.find_spec(module) is not None:  # (verbs still being written)
+            importlib.import_module(module).register(verbs)
     return parser
 
 
