@@ -159,6 +159,13 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- loading
 
+    def config_changes(self, step_dir: Path) -> dict:
+        """{dotted key: [saved value, current value]} for settings that differ."""
+        saved = ck.read_manifest(step_dir)["config"]
+        return {f"{section}.{key}": [saved.get(section, {}).get(key), value]
+                for section, values in self.config.items() for key, value in values.items()
+                if saved.get(section, {}).get(key) != value}
+
     def load(self, step_dir: Path, *, load_optim: bool) -> int:
         """Restore from ``step_dir``; returns the step to continue after (0 without optim)."""
         manifest = ck.read_manifest(step_dir)

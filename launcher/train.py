@@ -196,7 +196,8 @@ def run(cfg: Config) -> RunResult:
             start_step = ckpt.load(start.checkpoint, load_optim=load_optim)
             event = "restart" if start.resuming else "loaded"
             sink.log({"event": event, "step": start_step, "checkpoint": str(start.checkpoint),
-                      "load_optim": load_optim})
+                      "load_optim": load_optim,
+                      "config_changes": ckpt.config_changes(start.checkpoint)})
             _say(ctx, f"{event} from {start.checkpoint} at step {start_step}")
         interval = cfg.checkpoint.save_interval if cfg.checkpoint.enabled else 0
 

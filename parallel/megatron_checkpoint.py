@@ -42,6 +42,7 @@ import json
 import os
 import pickle
 import time
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -1107,8 +1108,10 @@ def _load_state(model_chunks, optimizer, scheduler, directory: Path, load_optim:
     # 2. The collective read (aliases are not requested: the model's load provides them).
     sharded_strategy, common_strategy = _safe_strategies(metadata, common)
     try:
-        loaded = dist_checkpointing.load(_without_aliases(request), str(directory),
-                                         sharded_strategy, common_strategy)
+        with warnings.catch_warnings():  # torch's own deprecations inside megatron's reader
+            warnings.simplefilter("ignore", FutureWarning)
+            loaded = dist_checkpointing.load(_without_aliases(request), str(directory),
+                                             sharded_strategy, common_strategy)
     except CheckpointError:
         raise
     except (Exception, DCPCheckpointException) as e:  # DCP's is a BaseException

@@ -138,6 +138,8 @@ def test_rerunning_a_finished_run_continues_it_without_mixing(shards, tmp_path):
     records = metrics(run_dir)
     events = [(r["event"], r["step"]) for r in records if "event" in r]
     assert events == [("restart", 4)]
+    restart = next(r for r in records if "event" in r)
+    assert restart["config_changes"] == {"train.train_iters": [4, 6]}
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
