@@ -71,7 +71,7 @@ def build_engine(cfg: Config, layout: Layout, ctx):
     """This rank's model chunks inside the engine ``parallel.engine`` names."""
     from gptforge.model.config import transformer_config
     from gptforge.model.gpt import build_gpt
-    from gptforge.parallel.engine import engine_class
+    from gptforge.parallel.engine import engine_class, engine_options
     from gptforge.parallel.layout import transformer_layout_fields
 
     tcfg = transformer_config(
@@ -82,7 +82,9 @@ def build_engine(cfg: Config, layout: Layout, ctx):
                        seed=cfg.train.seed)
     return engine_class(cfg.parallel.engine)(
         chunks, tcfg, ctx, parallel=cfg.parallel, precision=cfg.precision, optim=cfg.optim,
-        train_iters=cfg.train.train_iters, seq_length=cfg.model.seq_length)
+        train_iters=cfg.train.train_iters, seq_length=cfg.model.seq_length,
+        **engine_options(cfg.parallel.engine, micro_batch_size=cfg.train.micro_batch_size,
+                         num_microbatches=layout.num_microbatches, run_dir=cfg.run.dir))
 
 
 def write_sample(cfg: Config, model, is_logging_rank: bool) -> None:
@@ -150,15 +152,70 @@ def _say(ctx, text: str) -> None:
         print(f"[gptforge] {text}", flush=True)
 
 
+def _throughput(cfg: Config, layout: Layout, ctx):
+    from gptforge.launcher.trainer import Throughput
+
+    return Throughput(tokens_per_step=cfg.train.global_batch_size * cfg.model.seq_length,
+                      flops_per_token=flops_per_token(cfg.model, layout.padded_vocab_size),
+                      world_size=ctx.world_size,
+                      peak_tflops_per_device=peak_tflops_per_device(cfg.precision.dtype))
+
+
+def _resume(cfg: Config, start: Start, ckpt, sink, ctx) -> int:
+    """Load ``start.checkpoint`` (if any), mark it in metrics.jsonl; the step to continue after."""
+    if start.checkpoint is None:
+        return 0
+    load_optim = cfg.checkpoint.load_optim or start.resuming
+    step = ckpt.load(start.checkpoint, load_optim=load_optim)
+    event = "restart" if start.resuming else "loaded"
+    sink.log({"event": event, "step": step, "checkpoint": str(start.checkpoint),
+              "load_optim": load_optim, "config_changes": ckpt.config_changes(start.checkpoint)})
+    _say(ctx, f"{event} from {start.checkpoint} at step {step}")
+    return step
+
+
+def _stop_check(cfg: Config, ctx, ckpt, stop):
+    """After every step, on every rank: commit an async save, agree on a stop, save at the
+    interval. Returns True when the run should stop."""
+    from gptforge.launcher.checkpoint import crash_point
+    from gptforge.parallel.context import any_rank
+
+    interval = cfg.checkpoint.save_interval if cfg.checkpoint.enabled else 0
+
+    def should_stop(step: int) -> bool:
+        crash_point("after_step", step)
+        ckpt.poll()
+        if any_rank(ctx, stop.requested):
+            return True
+        if interval and step % interval == 0:
+            ckpt.save(step, "interval", sync=False)
+        return False
+
+    return should_stop
+
+
+def _finish(cfg: Config, result: RunResult, ckpt, sink, ctx, engine) -> None:
+    """The last checkpoint (final or on a signal), the stop record, the sample."""
+    if cfg.checkpoint.enabled and result.last_step > 0:
+        ckpt.save(result.last_step, "signal" if result.stopped_by else "final", sync=True)
+        result.checkpointed = True
+    ckpt.drain()
+    if result.stopped_by:
+        sink.log({"event": "stopped", "step": result.last_step, "signal": result.stopped_by})
+        _say(ctx, f"stopped by {result.stopped_by} after step {result.last_step}"
+             + ("; the same command resumes" if result.checkpointed else ""))
+    elif cfg.sample.prompt:
+        write_sample(cfg, engine.model_chunks[0], ctx.is_logging_rank)
+
+
 def run(cfg: Config) -> RunResult:
     """Train on this rank: resume if there is a checkpoint, save at the configured steps, stop
     at one step on every rank (and checkpoint) after SIGTERM/SIGINT/SIGUSR1."""
-    from gptforge.launcher.checkpoint import crash_point
     from gptforge.launcher.checkpointer import Checkpointer
     from gptforge.launcher.metrics import build_sink
     from gptforge.launcher.signals import StopRequest
-    from gptforge.launcher.trainer import Throughput, train
-    from gptforge.parallel.context import (any_rank, check_launch_env, destroy_model_parallel,
+    from gptforge.launcher.trainer import train
+    from gptforge.parallel.context import (check_launch_env, destroy_model_parallel,
                                            env_rank_info, init_parallel)
     from gptforge.parallel.seeding import set_seed
 
@@ -184,50 +241,16 @@ def run(cfg: Config) -> RunResult:
         sink = build_sink(cfg.run.dir, cfg.logging, ctx.is_logging_rank)
         sink.log_params({f"{s}.{k}": v for s, sec in to_dict(cfg).items()
                          for k, v in sec.items()})
-        # (measured before a load: it draws random numbers, and the RNG is restored last)
-        throughput = Throughput(
-            tokens_per_step=cfg.train.global_batch_size * cfg.model.seq_length,
-            flops_per_token=flops_per_token(cfg.model, layout.padded_vocab_size),
-            world_size=ctx.world_size,
-            peak_tflops_per_device=peak_tflops_per_device(cfg.precision.dtype))
-        start_step = 0
-        if start.checkpoint is not None:
-            load_optim = cfg.checkpoint.load_optim or start.resuming
-            start_step = ckpt.load(start.checkpoint, load_optim=load_optim)
-            event = "restart" if start.resuming else "loaded"
-            sink.log({"event": event, "step": start_step, "checkpoint": str(start.checkpoint),
-                      "load_optim": load_optim,
-                      "config_changes": ckpt.config_changes(start.checkpoint)})
-            _say(ctx, f"{event} from {start.checkpoint} at step {start_step}")
-        interval = cfg.checkpoint.save_interval if cfg.checkpoint.enabled else 0
-
-        def should_stop(step: int) -> bool:
-            crash_point("after_step", step)
-            ckpt.poll()
-            if any_rank(ctx, stop.requested):
-                return True
-            if interval and step % interval == 0:
-                ckpt.save(step, "interval", sync=False)
-            return False
-
+        throughput = _throughput(cfg, layout, ctx)  # before a load: it draws random numbers
+        start_step = _resume(cfg, start, ckpt, sink, ctx)  # restores the RNG: nothing after
         loop = train(engine, iter(batches), cfg.train, num_microbatches=layout.num_microbatches,
                      throughput=throughput, sink=sink, start_step=start_step,
                      make_valid_iter=lambda: iter(build_batches(cfg, layout, ctx, "valid")),
-                     should_stop=should_stop)
+                     should_stop=_stop_check(cfg, ctx, ckpt, stop))
         result = RunResult(records=loop.records if ctx.is_logging_rank else [],
                            last_step=loop.last_step,
                            stopped_by=stop.signal_name if loop.stopped_early else "")
-        if cfg.checkpoint.enabled and loop.last_step > 0:
-            reason = "signal" if result.stopped_by else "final"
-            ckpt.save(loop.last_step, reason, sync=True)
-            result.checkpointed = True
-        ckpt.drain()
-        if result.stopped_by:
-            sink.log({"event": "stopped", "step": loop.last_step, "signal": result.stopped_by})
-            _say(ctx, f"stopped by {result.stopped_by} after step {loop.last_step}"
-                 + ("; the same command resumes" if result.checkpointed else ""))
-        elif cfg.sample.prompt:
-            write_sample(cfg, engine.model_chunks[0], ctx.is_logging_rank)
+        _finish(cfg, result, ckpt, sink, ctx, engine)
         sink.close()
         return result
     finally:
