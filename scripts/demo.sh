@@ -27,3 +27,4 @@ echo
 echo "demo finished. results under $DEMO:"
 echo "  tokenizer  $DEMO/tokenizer.model   shards  $DEMO/shards (index.json)"
 echo "  config     $DEMO/run/config.yaml   metrics $DEMO/run/metrics.jsonl   sample $DEMO/run/sample.txt"
+echo "  checkpoint $DEMO/run/checkpoints   (gptforge checkpoint inspect $DEMO/run/checkpoints)"
