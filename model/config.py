@@ -109,11 +109,6 @@ def transformer_config(model: ModelConfig, *, params_dtype: torch.dtype,
     ``layout_fields`` (``parallel.layout.transformer_layout_fields``)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from gptforge.model.specs import resolve_backend
-
-    if layout_fields.get("sequence_parallel") and resolve_backend(model) != "te":
-        raise ModelConfigError("parallel.sequence_parallel", "needs Transformer Engine layers "
-                               "(megatron's local torch norm refuses sequence parallelism)")
     swiglu = model.activation == "swiglu"
     return TransformerConfig(
         num_layers=model.num_layers,

@@ -3,7 +3,8 @@
 - ``te``: Transformer Engine layers, when TE imports and a GPU is present.
 - ``sdpa``: megatron's local (pure PyTorch) layers with our SDPA core attention.
 - ``local``: megatron's local layers as they are (unfused attention).
-``auto`` picks te where possible, else sdpa.
+``auto`` picks te where possible, else sdpa. sdpa and local use our torch norm
+(``model/norm.py``), which also runs under sequence parallelism; te uses TE's norms.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import torch
 
 from gptforge.model.config import ModelConfig
+from gptforge.model.norm import SequenceParallelTorchNorm
 
 
 def te_available() -> bool:
@@ -40,6 +42,9 @@ def layer_spec(model: ModelConfig):
     if backend == "te":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
+    layer = dataclasses.replace(spec.submodules, input_layernorm=SequenceParallelTorchNorm,
+                                pre_mlp_layernorm=SequenceParallelTorchNorm)
+    spec = dataclasses.replace(spec, submodules=layer)
     if backend == "sdpa":
         from gptforge.model.attention import SDPAttention
 
@@ -47,3 +52,18 @@ def layer_spec(model: ModelConfig):
         attn_sub = dataclasses.replace(attn.submodules, core_attention=SDPAttention)
         spec.submodules.self_attention = dataclasses.replace(attn, submodules=attn_sub)
     return spec
+
+
+def chunk_spec(model: ModelConfig, tcfg, *, pp_rank: int, vp_stage: int | None):
+    """What GPTModel takes as ``transformer_layer_spec`` for one pipeline chunk: the layer spec
+    (te), or the chunk's layers plus our final norm (sdpa, local; megatron would otherwise pick
+    its own torch norm for the final norm)."""
+    spec = layer_spec(model)
+    if resolve_backend(model) == "te":
+        return spec
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    num_layers = get_num_layers_to_build(tcfg, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers,
+                                      layer_norm=SequenceParallelTorchNorm)
