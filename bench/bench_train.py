@@ -16,6 +16,12 @@ loop runs before AND after the gptforge rows; its row is the median over the poo
 of both runs (so slow drift of the machine — thermal, other load — affects both sides alike); the
 two per-run medians are printed too.
 
+Then the two-rank rows: megatron DP=2 (DDP), deepspeed ZeRO-1 and deepspeed ZeRO-3, the same
+model and global batch (micro-batch 4 per rank, one micro-batch per step), one launch of 2 ranks
+(``torch.distributed.run``, one thread per rank) holding the three engines, which take turns step
+by step (see ``two_rank_worker``); a row is the median over its measured steps on rank 0.
+Target: ZeRO-1 >= 0.95x megatron DP.
+
 Then the cost of cpu_compat's optimizer_context() (a TorchFunctionMode entered around megatron's
 optimizer step) is measured in isolation: a torch AdamW step + clip_grad_norm_ over the plain
 model's parameters, with and without the mode active.
@@ -196,6 +202,84 @@ def run_gptforge(backend: str, warmup: int, steps: int, profile: bool = False):
                 opt=statistics.median(seen["opt"][warmup:]))
 
 
+# --------------------------------------------------------------------------- two ranks
+TWO_RANK_ROWS = {  # row name: overrides on top of the single-process shape
+    "megatron DP=2": ["--parallel.engine=megatron"],
+    "deepspeed ZeRO-1": ["--parallel.engine=deepspeed", "--parallel.zero_stage=1"],
+    "deepspeed ZeRO-3": ["--parallel.engine=deepspeed", "--parallel.zero_stage=3"],
+}
+TWO_RANK_MICRO_BATCH = SHAPE["global_batch_size"] // 2
+
+
+def two_rank_worker(spec_path: str) -> None:
+    """One rank of the two-rank launch. Every row's engine is built (``build_engine``, the
+    trainer's own) in one process group; then the rows take turns, one step each, the order
+    rotating every round, so that drift of the machine's load reaches every row alike. A row's
+    time is its steps' wall time (batch fetch + ``train_step``); rank 0 writes them."""
+    import json
+
+    from gptforge.launcher.config import load_config, validate
+    from gptforge.launcher.train import build_batches, build_engine
+    from gptforge.parallel.context import destroy_parallel, init_parallel, world_size_from_env
+    from gptforge.parallel.seeding import set_seed
+
+    spec = json.loads(open(spec_path).read())
+    torch.set_num_threads(1)
+    rows, ctx = {}, None
+    try:
+        for i, (name, overrides) in enumerate(spec["rows"].items()):
+            run_dir = os.path.join(spec["dir"], f"row{i}")  # the same on every rank
+            cfg = load_config([], gptforge_overrides("auto", spec["iters"], run_dir)
+                              + [f"--train.micro_batch_size={TWO_RANK_MICRO_BATCH}", *overrides])
+            layout = validate(cfg, world_size_from_env())
+            ctx = ctx or init_parallel(cfg.parallel)
+            set_seed(cfg.train.seed, ctx.pp_rank)
+            rows[name] = dict(engine=build_engine(cfg, layout, ctx), times=[], losses=[],
+                              batches=iter(build_batches(cfg, layout, ctx, "train")),
+                              n=layout.num_microbatches)
+        names = list(rows)
+        for step in range(spec["iters"]):
+            for name in names[step % len(names):] + names[:step % len(names)]:
+                row = rows[name]
+                start = time.perf_counter()
+                result = row["engine"].train_step([next(row["batches"])
+                                                   for _ in range(row["n"])])
+                row["times"].append(time.perf_counter() - start)
+                row["losses"].append(result.loss)
+        if ctx.rank == 0:
+            with open(spec["out"], "w") as f:
+                json.dump({k: {"times": r["times"], "losses": r["losses"]}
+                           for k, r in rows.items()}, f)
+    finally:
+        destroy_parallel()
+
+
+def run_two_ranks(warmup: int, steps: int) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    from gptforge.parallel.context import free_port
+
+    with tempfile.TemporaryDirectory(prefix="gptforge-bench2-") as tmp:
+        spec = os.path.join(tmp, "spec.json")
+        out = os.path.join(tmp, "out.json")
+        with open(spec, "w") as f:
+            json.dump({"rows": TWO_RANK_ROWS, "iters": warmup + steps, "out": out, "dir": tmp}, f)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+               f"--master-port={free_port()}", __file__, "--two-rank-worker", spec]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"two-rank launch failed:\n{proc.stderr[-3000:]}")
+        with open(out) as f:
+            result = json.load(f)
+    for name, r in result.items():
+        print(f"  {name}: loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}", flush=True)
+        r["times"] = r["times"][warmup:]
+    return result
+
+
 # --------------------------------------------------------------------------- cpu_compat cost
 def compat_overhead(model: nn.Module, reps: int) -> tuple[float, float]:
     """ms per (clip_grad_norm_ + AdamW step) without / with cpu_compat's TorchFunctionMode."""
@@ -238,7 +322,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true",
                     help="also cProfile one extra short gptforge (sdpa) run and print the top")
+    ap.add_argument("--two-rank-worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.two_rank_worker:
+        two_rank_worker(args.two_rank_worker)
+        return 0
     torch.set_num_threads(args.threads)
     from gptforge.parallel.context import destroy_parallel
 
@@ -252,6 +340,7 @@ def main() -> int:
         g_sdpa = run_gptforge("auto", args.warmup, args.steps)
         g_local = run_gptforge("local", args.warmup, args.steps)
         plain2, _, _ = run_plain(args.warmup, args.steps)
+        two = run_two_ranks(args.warmup, args.steps)
         if args.profile:
             run_gptforge("auto", 1, 3, profile=True)
     finally:
@@ -276,6 +365,15 @@ def main() -> int:
               f"optimizer.step (clip + AdamW, inside optimizer_context) {g['opt'] * 1e3:.1f} ms "
               f"= {100 * g['opt'] / step:.1f}% of step")
     print(f"  parameters match: {plain_params == g_sdpa['params'] == g_local['params']}")
+    print()
+    print(f"two ranks (1 thread each), same model and global batch ({tokens_per_step} tokens/step, "
+          f"micro-batch {TWO_RANK_MICRO_BATCH} per rank):")
+    print(f"{'row':32s} {'tokens/s':>10s} {'step ms':>9s} {'vs DP':>9s}")
+    dp_step = statistics.median(two["megatron DP=2"]["times"])
+    for name in TWO_RANK_ROWS:
+        step = statistics.median(two[name]["times"])
+        print(f"{name:32s} {tokens_per_step / step:10.0f} {step * 1e3:9.1f} "
+              f"{dp_step / step:8.2f}x")
     print()
     print(f"cpu_compat optimizer_context() cost, clip_grad_norm_ + AdamW.step over "
           f"{plain_params:,d} params ({len(list(plain_model.parameters()))} tensors):")

@@ -270,8 +270,11 @@ def _num_parameters(step_dir: Path) -> int:
     """Model parameters, from the global shapes in the shard index (layout-free)."""
     import math
 
+    from gptforge.parallel.deepspeed_convert import RECORD_FILE, read_record
     from gptforge.parallel.megatron_checkpoint import read_metadata
 
+    if (step_dir / STATE_DIR / RECORD_FILE).is_file():  # saved by the deepspeed engine
+        return read_record(step_dir / STATE_DIR).get("num_parameters")
     metadata = read_metadata(step_dir / STATE_DIR)
     total = 0
     for key, meta in metadata.state_dict_metadata.items():

@@ -26,6 +26,7 @@ from gptforge.launcher.trainer import TrainConfig
 from gptforge.model.config import ModelConfig, ModelConfigError, num_query_groups, validate_model
 from gptforge.model.generate import SampleConfig
 from gptforge.parallel.config import ConfigError, OptimConfig, ParallelConfig, PrecisionConfig
+from gptforge.parallel.deepspeed_config import check_engine
 from gptforge.parallel.engine import ENGINES
 from gptforge.parallel.layout import Layout, derive_layout
 from gptforge.parallel.optim import validate_optim
@@ -214,6 +215,7 @@ def _validate_io(cfg: Config, layout: Layout) -> None:
     if cfg.parallel.engine not in ENGINES:
         raise ConfigError("parallel.engine", f"{cfg.parallel.engine!r} is not available in this "
                           f"version (available: {', '.join(sorted(ENGINES))})")
+    check_engine(cfg.parallel, cfg.precision)
     if cfg.data.source == "webdataset" and not cfg.data.sources:
         raise ConfigError("data.sources", "data.source=webdataset needs at least one source")
     if cfg.data.num_workers < 0:

@@ -40,6 +40,12 @@ class ParallelConfig:
     """torch.distributed backend; auto: nccl with GPUs, gloo on CPU."""
     distributed_timeout_minutes: int = 10
     """How long a collective waits for a missing rank before the run fails."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (deepspeed engine): 0 none, 1 optimizer, 2 +gradients, 3 +parameters."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """DeepSpeed: keep the optimizer state and step in host memory (ZeRO stage >= 1)."""
+    offload_param: Literal["none", "cpu"] = "none"
+    """DeepSpeed: keep the parameters in host memory between uses (ZeRO stage 3)."""
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -45,7 +45,19 @@ class Engine(Protocol):
 
 
 # name -> "module:Class"; imported only when chosen.
-ENGINES = {"megatron": "gptforge.parallel.megatron_engine:MegatronEngine"}
+ENGINES = {"megatron": "gptforge.parallel.megatron_engine:MegatronEngine",
+           "deepspeed": "gptforge.parallel.deepspeed_engine:DeepSpeedEngine"}
+
+
+# What an engine's constructor takes beyond the common arguments, by name; the launcher offers
+# micro_batch_size, num_microbatches (per step and DP rank) and run_dir.
+ENGINE_OPTIONS = {"megatron": (),
+                  "deepspeed": ("micro_batch_size", "num_microbatches", "run_dir")}
+
+
+def engine_options(name: str, **offered) -> dict:
+    """The subset of ``offered`` that engine ``name`` takes."""
+    return {key: offered[key] for key in ENGINE_OPTIONS.get(name, ())}
 
 
 def engine_class(name: str) -> type:

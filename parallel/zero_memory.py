@@ -6,8 +6,10 @@ Two families, both for Adam (two moments per parameter):
   Parameter Models", section 5). Mixed precision keeps 16 bytes per parameter Ψ: 2Ψ half-precision
   parameters, 2Ψ half-precision gradients and 12Ψ optimizer states (fp32 master weights, momentum,
   variance). Over N data-parallel ranks stage 1 shards the optimizer states (4Ψ + 12Ψ/N), stage 2
-  the gradients too (2Ψ + 14Ψ/N), stage 3 everything (16Ψ/N). fp32 training has no master copy:
-  4Ψ parameters, 4Ψ gradients, 8Ψ optimizer states, sharded the same way per stage.
+  the gradients too (2Ψ + 14Ψ/N), stage 3 everything (16Ψ/N). fp32 training: 4Ψ parameters and
+  4Ψ gradients; plain data parallelism (stage 0) keeps 8Ψ optimizer states, but ZeRO 1-3 keep
+  their own fp32 master partition even of fp32 parameters (measured: DeepSpeed's ZeRO
+  optimizers always hold one), so 12Ψ/N optimizer states, sharded the same way per stage.
 - megatron-core DistributedDataParallel (``model_state_bytes_megatron``). Its gradient buffer is
   fp32 whatever the parameter dtype (``grad_reduce_in_fp32=True`` in our engine) and is never
   sharded: the distributed optimizer reduce-scatters into the full buffer. Only the optimizer
@@ -70,6 +72,8 @@ def model_state_bytes(num_params: int, *, dp_size: int, zero_stage: int, mixed_p
     if offload_optimizer and zero_stage == 0:
         raise ValueError("offload_optimizer needs zero_stage >= 1")
     per = state_bytes_per_param(mixed_precision)
+    if zero_stage >= 1:  # ZeRO's optimizers keep an fp32 master partition, fp32 params or not
+        per = StateBytes(params=per.params, grads=per.grads, optimizer=3 * _FULL)
     terms = {
         "params": _shard(per.params * num_params, dp_size, zero_stage >= 3),
         "grads": _shard(per.grads * num_params, dp_size, zero_stage >= 2),

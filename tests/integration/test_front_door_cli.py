@@ -115,7 +115,9 @@ def test_unusable_run_dir(tmp_path, make_dir, culprit):
 @pytest.mark.parametrize("args, culprit", [
     (["--nproc-per-node", "0"], "--nproc-per-node"),
     (["--nproc-per-node", "-1"], "--nproc-per-node"),
-    (["--parallel.engine=deepspeed"], "parallel.engine"),
+    (["--parallel.engine=deepspeed", "--parallel.zero_stage=5"], "parallel.zero_stage"),
+    (["--parallel.engine=deepspeed", "--parallel.pipeline_model_parallel_size=2"],
+     "parallel.pipeline_model_parallel_size"),
     (["--optim.lr=-1e-3", "--optim.min_lr=-1e-2"], "optim.lr"),
     (["--train.train_iters=2"], "optim.lr_warmup_iters"),
     (["--train.train_iters"], "--train.train_iters needs a value"),

@@ -34,11 +34,11 @@ def test_zero_stages_follow_the_paper_in_mixed_precision(stage, total):
     assert got["params"] + got["grads"] + got["optimizer"] == total and got["host"] == 0
 
 
-def test_zero_fp32_has_no_master_copy_and_offload_moves_terms_to_host():
+def test_zero_fp32_master_copy_only_with_zero_and_offload_moves_terms_to_host():
     fp32 = model_state_bytes(PSI, dp_size=N, zero_stage=0, mixed_precision=False)
     assert (fp32["params"], fp32["grads"], fp32["optimizer"]) == (4 * PSI, 4 * PSI, 8 * PSI)
     assert model_state_bytes(PSI, dp_size=N, zero_stage=2, mixed_precision=False)["total"] == \
-        4 * PSI + 12 * PSI // N
+        4 * PSI + 4 * PSI // N + 12 * PSI // N
     off = model_state_bytes(PSI, dp_size=N, zero_stage=3, mixed_precision=True,
                             offload_optimizer=True, offload_param=True)
     assert off["total"] == 2 * PSI // N and off["host"] == 14 * PSI // N
