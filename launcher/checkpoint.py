@@ -31,6 +31,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptforge.parallel.durable import fsync_path
 from gptforge.parallel.engine import CheckpointError
 
 FORMAT = "gptforge-checkpoint-v1"
@@ -88,13 +89,6 @@ def step_name(step: int) -> str:
 # ------------------------------------------------------------------ files
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def write_atomic(path: Path, text: str) -> None:
     """temp file, fsync, rename over ``path``, fsync the directory."""
@@ -104,7 +98,7 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 def file_crc32(path: Path) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gptforge.launcher import checkpoint as ck
 from gptforge.parallel import context as pc
+from gptforge.parallel.durable import fsync_path
 from gptforge.parallel.engine import CheckpointError
 
 
@@ -121,7 +122,7 @@ class Checkpointer:
                                 json.dumps(self._manifest(p, files), indent=1))
                 ck.crash_point("before_rename", p.step)
                 p.partial.rename(p.final)
-                ck._fsync_path(self.dir)
+                fsync_path(self.dir)
                 ck.write_atomic(self.dir / ck.LATEST,
                                 f"{p.final.name} {ck._sha256(p.final / ck.MANIFEST)}\n")
                 protect = {p.final.resolve()}

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from gptforge.model.loss import masked_token_loss
+from gptforge.parallel.durable import fsync_path
 from gptforge.parallel.config import ConfigError, OptimConfig, ParallelConfig, PrecisionConfig
 from gptforge.parallel.context import ParallelContext
 from gptforge.parallel.deepspeed_compat import import_deepspeed
@@ -170,13 +171,6 @@ def _file_owner(name: str) -> tuple[int, int] | None:
     return None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 class DeepSpeedEngine:
     """This rank's GPT inside ``deepspeed.initialize``; one global batch per ``train_step``."""
@@ -305,12 +299,12 @@ class DeepSpeedEngine:
             owner = _file_owner(path.name)
             me = (self.ctx.dp_rank, self.ctx.tp_rank)
             if owner == me or (owner is None and self.ctx.rank == 0):
-                _fsync(path)
+                fsync_path(path)
                 mine.append(WrittenFile(str(path.relative_to(directory)), path.stat().st_size))
         if self.ctx.rank == 0:
             for sub in {directory, directory / TAG}:
                 if sub.is_dir():
-                    _fsync(sub)
+                    fsync_path(sub)
         dist.barrier()
         return mine
 

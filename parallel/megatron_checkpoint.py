@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 
+from gptforge.parallel.durable import fsync_path
 from gptforge.parallel import megatron_fixes
 from gptforge.parallel.engine import CheckpointError  # noqa: F401 (one class for every engine)
 
@@ -369,13 +370,6 @@ def _rank0_prepare_dir(directory: Path) -> None:
         raise CheckpointError(box[0])
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 class SaveHandle:
     """One save in progress (async) or done (sync).
@@ -452,9 +446,9 @@ class SaveHandle:
         files = []
         for name in sorted(names):
             path = self.directory / name
-            _fsync(path)  # shard files and .metadata are fsynced already: cheap
+            fsync_path(path)  # shard files and .metadata are fsynced already: cheap
             files.append(WrittenFile(name, path.stat().st_size))
-        _fsync(self.directory)
+        fsync_path(self.directory)
         dist.barrier()
         self._files = files
         self.total_s = time.perf_counter() - self._started
