@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 import warnings
@@ -101,8 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "validate and print the resolved configuration",
                      "validate for N ranks (default: TP x PP)")
     for module in VERB_MODULES:
-        if importlib.util.find_spec(module) is not None:  # (verbs still being written)
-            importlib.import_module(module).register(verbs)
+        importlib.import_module(module).register(verbs)
     return parser
 
 
