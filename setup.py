@@ -21,7 +21,9 @@ setup(
         "pyyaml>=6",
         "numpy",
         "tqdm",
+        "transformers",  # Hugging Face import/export and tokenizer folders
+        "safetensors",
     ],
-    extras_require={"test": ["pytest>=8", "ruff", "transformers"]},
+    extras_require={"test": ["pytest>=8", "ruff"]},
     entry_points={"console_scripts": ["gptforge=gptforge.launcher.cli:main"]},
 )
