@@ -128,7 +128,7 @@ def encode_chunk(chunk: tuple[str, bool, list[tuple[int, int, str]]]) -> list[tu
         if text:
             texts.append(text)
             ordinals.append(ordinal)
-    ids = _WORKER["proc"].encode(texts, out_type=int, num_threads=1) if texts else []
+    ids = tokenizer.encode_batch(_WORKER["proc"], texts) if texts else []
     out = []
     for ordinal, text, doc_ids in zip(ordinals, texts, ids):
         raw_bytes = text.encode("utf-8")

@@ -1,13 +1,20 @@
-"""The sentencepiece tokenizer: train, load, encode/decode, and the file hash shards record.
+"""Tokenizers: train a sentencepiece model; load one, or a Hugging Face tokenizer; file hashes.
+
+``load(path)`` returns a ``Tokenizer``: a sentencepiece processor for a ``.model`` file, an
+``hf_tokenizer.HfTokenizer`` for a Hugging Face folder or ``tokenizer.json`` file. Both have
+sentencepiece's methods ``encode(text) -> ids`` (no special tokens added), ``decode(ids)``,
+``eos_id()``/``bos_id()``/``pad_id()``/``unk_id()`` (-1 when absent) and ``get_piece_size()``.
+``info(path)`` gives the ``TokenizerInfo`` that shards record (the hash of the model file, or of
+a Hugging Face tokenizer's ``tokenizer.json``).
 
 Training normalises nothing (``identity`` rule, no whitespace folding, no dummy prefix) and
 uses byte fallback, so decode(encode(text)) == text for any text. Newline and tab are
 user-defined pieces so code keeps its layout cheaply. ``<prefix>.json`` records the hash,
 vocabulary size and the bos/eos/pad/unk ids next to ``<prefix>.model``.
 
-``load`` and ``info`` raise ``TokenizerError`` naming a missing file, a directory or a file that
-is not a sentencepiece model; ``train`` checks every input (``text_inputs.check_input``) and
-refuses inputs without text before sentencepiece starts.
+``load`` and ``info`` raise ``TokenizerError`` naming a missing file, a folder without tokenizer
+files or a file that is not a tokenizer; ``train`` checks every input
+(``text_inputs.check_input``) and refuses inputs without text before sentencepiece starts.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import sentencepiece as spm
 
@@ -59,11 +67,30 @@ def _spm_reason(err: Exception) -> str:
     return text.rpartition("] ")[2].removeprefix("INTERNAL: ").strip() or text
 
 
-def load(path: str | Path) -> spm.SentencePieceProcessor:
-    """The sentencepiece model at ``path``; TokenizerError names a missing or foreign file."""
+class Tokenizer(Protocol):
+    """What ``load`` returns, whatever the kind (sentencepiece's method names)."""
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def eos_id(self) -> int: ...
+    def bos_id(self) -> int: ...
+    def pad_id(self) -> int: ...
+    def unk_id(self) -> int: ...
+    def get_piece_size(self) -> int: ...
+
+
+def load(path: str | Path) -> Tokenizer:
+    """The tokenizer at ``path``: a sentencepiece ``.model``, or a Hugging Face folder or
+    ``tokenizer.json``; TokenizerError names a missing or foreign file."""
     path = Path(path)
-    if path.is_dir():
-        raise TokenizerError(f"{path}: is a directory, not a sentencepiece .model file")
+    from gptforge.data import hf_tokenizer
+
+    if hf_tokenizer.is_hf_path(path):
+        return hf_tokenizer.load_hf(path)
+    return load_sentencepiece(path)
+
+
+def load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
     if not path.is_file():
         raise TokenizerError(f"{path}: tokenizer model not found")
     proc = spm.SentencePieceProcessor()
@@ -75,7 +102,12 @@ def load(path: str | Path) -> spm.SentencePieceProcessor:
 
 
 def info(path: str | Path) -> TokenizerInfo:
-    proc = load(path)
+    """What shards record about the tokenizer at ``path`` (see ``load``)."""
+    from gptforge.data import hf_tokenizer
+
+    if hf_tokenizer.is_hf_path(Path(path)):
+        return hf_tokenizer.hf_info(Path(path))
+    proc = load_sentencepiece(Path(path))
     try:
         sha256 = file_sha256(path)
     except OSError as err:
@@ -185,9 +217,16 @@ def _run_trainer(sentences: Iterator[str], model_prefix: str, vocab_size: int, *
         num_threads=num_threads, minloglevel=2, train_extremely_large_corpus=False)
 
 
-def encode(proc: spm.SentencePieceProcessor, text: str) -> list[int]:
-    return proc.encode(text, out_type=int)
+def encode(proc: Tokenizer, text: str) -> list[int]:
+    return proc.encode(text)
 
 
-def decode(proc: spm.SentencePieceProcessor, ids: list[int]) -> str:
+def encode_batch(proc: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """``[proc.encode(t) for t in texts]`` in one call to the library."""
+    if isinstance(proc, spm.SentencePieceProcessor):
+        return proc.encode(texts, out_type=int, num_threads=1)
+    return proc.encode_batch(texts)
+
+
+def decode(proc: Tokenizer, ids: list[int]) -> str:
     return proc.decode(ids)

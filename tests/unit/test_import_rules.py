@@ -42,6 +42,7 @@ def test_imports_go_one_way(part, forbidden):
     ("mlflow", ("launcher/metrics.py",)),
     ("webdataset", ("data/",)),
     ("sentencepiece", ("data/",)),
+    ("transformers", ("data/hf_tokenizer.py", "model/hf_", "launcher/")),
 ])
 def test_libraries_are_imported_in_one_place(module, allowed):
     for part in PARTS:
