@@ -17,6 +17,8 @@ import sys
 from gptforge.data.errors import DataError
 from gptforge.data.text_inputs import TXT_UNITS
 
+TOKENIZER_HELP = "sentencepiece .model file, or Hugging Face tokenizer folder or tokenizer.json"
+
 
 def _add_text_input_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True,
@@ -62,7 +64,7 @@ def _data_prepare(args) -> int:
     settings = PrepareSettings(
         inputs=args.input, tokenizer=args.tokenizer, out=args.out, text_key=args.text_key,
         txt_unit=args.txt_unit, valid_fraction=args.valid_fraction,
-        shard_size_mb=args.shard_size_mb, workers=args.workers,
+        shard_size_mb=args.shard_size_mb, workers=args.workers, format=args.format,
         command=["gptforge", *sys.argv[1:]] if args.command is None else shlex.split(args.command))
     index = prepare(settings, progress=not args.no_progress)
     for split, info in index["splits"].items():
@@ -72,7 +74,8 @@ def _data_prepare(args) -> int:
 
 
 def _register_tokenizer(subparsers) -> None:
-    parser = subparsers.add_parser("tokenizer", help="train or use a sentencepiece tokenizer")
+    parser = subparsers.add_parser("tokenizer", help="train a sentencepiece tokenizer, or use one "
+                                   "or a Hugging Face tokenizer")
     verbs = parser.add_subparsers(dest="tokenizer_verb", required=True)
     train = verbs.add_parser("train", help="train <prefix>.model from text")
     _add_text_input_args(train)
@@ -87,11 +90,11 @@ def _register_tokenizer(subparsers) -> None:
     train.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
     train.set_defaults(func=_tokenizer_train)
     encode = verbs.add_parser("encode", help="text (--text or stdin) -> token ids")
-    encode.add_argument("--model", required=True)
+    encode.add_argument("--model", required=True, help=TOKENIZER_HELP)
     encode.add_argument("--text", default=None)
     encode.set_defaults(func=_tokenizer_encode)
     decode = verbs.add_parser("decode", help="token ids (arguments or stdin) -> text")
-    decode.add_argument("--model", required=True)
+    decode.add_argument("--model", required=True, help=TOKENIZER_HELP)
     decode.add_argument("ids", nargs="*")
     decode.set_defaults(func=_tokenizer_decode)
 
@@ -101,7 +104,10 @@ def _register_data(subparsers) -> None:
     verbs = parser.add_subparsers(dest="data_verb", required=True)
     prep = verbs.add_parser("prepare", help="text -> <out>/<split>-%%06d.tar + index.json")
     _add_text_input_args(prep)
-    prep.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
+    prep.add_argument("--tokenizer", required=True, help=TOKENIZER_HELP)
+    prep.add_argument("--format", choices=("pretrain", "sft"), default="pretrain",
+                      help="sft: .jsonl lines with 'prompt' and 'response' strings; the prompt "
+                           "tokens carry no loss (train with data.format=sft)")
     prep.add_argument("--out", required=True, help="output directory")
     prep.add_argument("--valid-fraction", type=float, default=0.0)
     prep.add_argument("--shard-size-mb", type=float, default=256.0)

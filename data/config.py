@@ -23,7 +23,11 @@ class DataConfig:
     valid_sources: list[DataSourceConfig] = field(default_factory=list)
     """Validation sources; empty: the valid split of the training sources."""
     tokenizer_model: str = ""
-    """sentencepiece .model file; the shards record its hash and must match it."""
+    """sentencepiece .model file, or Hugging Face tokenizer folder or tokenizer.json; the shards
+    record its hash and must match it."""
+    format: Literal["pretrain", "sft"] = "pretrain"
+    """pretrain: every token is learned; sft: prompt/response shards (data prepare --format
+    sft), the prompt tokens carry no loss. The shards must be of this format."""
     num_workers: int = 0
     """DataLoader worker processes per rank; 0: read in the training process."""
     reset_position_ids: bool = False

@@ -3,7 +3,9 @@
 ``build_loader(cfg.data, split=..., seq_length=..., micro_batch_size=..., dp_rank=...,
 dp_size=..., seed=..., vocab_size=...)`` returns an infinite iterator of dicts with ``tokens``,
 ``labels`` (int64 [b, s]), ``loss_mask`` (float32), ``position_ids`` (int64) and, with
-``reset_attention_mask``, ``attention_mask`` (bool [b, 1, s, s], True = masked out).
+``reset_attention_mask``, ``attention_mask`` (bool [b, 1, s, s], True = masked out). With
+``data.format=sft`` the shards are SFT shards and ``loss_mask`` is 0 where the label is a
+prompt token (see ``packing``).
 
 Sources. ``cfg.sources`` (``cfg.valid_sources`` for split "valid"; when that is empty, the
 "valid" split of every source directory's index.json) are directories with index.json, globs,
@@ -74,6 +76,7 @@ class LoaderSpec:
     skip_corrupt: bool
     reset_position_ids: bool
     reset_attention_mask: bool
+    sft: bool = False  # SFT shards: prompt tokens carry no loss (see packing)
 
 
 class StreamBatcher:
@@ -84,7 +87,8 @@ class StreamBatcher:
         self.sources = [
             SourceStream(src, k, seed=spec.seed, stream=stream, num_streams=num_streams,
                          eod_id=spec.eod_ids[k], vocab_size=spec.vocab_size,
-                         skip_corrupt=spec.skip_corrupt, state=state["sources"][k])
+                         skip_corrupt=spec.skip_corrupt, state=state["sources"][k],
+                         sft=spec.sft)
             for k, src in enumerate(spec.sources)]
         self.blend_counts = list(state["blend_counts"])
         self.weights = np.asarray(spec.weights) / sum(spec.weights)
@@ -105,7 +109,7 @@ class StreamBatcher:
     def next_batch(self) -> dict[str, torch.Tensor]:
         spec = self.spec
         return make_batch(self.next_windows(), spec.eod_ids[0], spec.reset_position_ids,
-                          spec.reset_attention_mask)
+                          spec.reset_attention_mask, spec.sft)
 
     def next_windows(self) -> np.ndarray:
         """The next micro-batch as int64 windows ``[micro_batch_size, seq_length + 1]``."""
@@ -257,7 +261,7 @@ def _from_workers(iterator, stream_states: list[dict], spec: LoaderSpec):
         local, state = json.loads(item[STATE_KEY])
         stream_states[local] = state
         yield make_batch(item["windows"].numpy(), spec.eod_ids[0], spec.reset_position_ids,
-                         spec.reset_attention_mask)
+                         spec.reset_attention_mask, spec.sft)
 
 
 def build_spec(cfg, *, split: str, seq_length: int, micro_batch_size: int, seed: int,
@@ -267,7 +271,7 @@ def build_spec(cfg, *, split: str, seq_length: int, micro_batch_size: int, seed:
                              tok=config_tokenizer(cfg, vocab_size))
     return LoaderSpec(resolved.sources, resolved.weights, resolved.eod_ids, seq_length,
                       micro_batch_size, seed, vocab_size, cfg.skip_corrupt,
-                      cfg.reset_position_ids, cfg.reset_attention_mask)
+                      cfg.reset_position_ids, cfg.reset_attention_mask, cfg.format == "sft")
 
 
 def build_loader(cfg, *, split: str, seq_length: int, micro_batch_size: int, dp_rank: int,

@@ -4,6 +4,13 @@ The stream's tokens are its chunks back to back (documents with an EOD after eac
 shards and epochs, so nothing is padded. ``read(n)`` returns the next ``n + 1`` tokens and
 advances by ``n``: consecutive windows of ``seq_length + 1`` tokens overlap by one token, so
 every token is an input once and a label once (megatron's GPT dataset does the same).
+
+SFT streams (``sft=True``) carry each prompt token's ``PROMPT_FLAG`` (bit 31, see ``shards``)
+through packing; the EOD after a document has none. ``make_batch`` turns the flag into the loss
+mask: position ``i`` has no loss when its label (window position ``i + 1``) is a prompt token,
+so the response's tokens and the EOD after it are learned, the prompt's are not. The flag is
+stripped from tokens and labels. Windows and resume offsets count tokens exactly as for
+pretraining.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from gptforge.data.shards import ShardError, read_shard
+from gptforge.data.shards import PROMPT_FLAG, ShardError, read_shard
 from gptforge.data.shardspec import ResolvedSource, SourceError
 from gptforge.data.state import doc_order, epoch_items
 
@@ -28,10 +35,11 @@ class SourceStream:
 
     def __init__(self, source: ResolvedSource, source_index: int, *, seed: int, stream: int,
                  num_streams: int, eod_id: int, vocab_size: int, skip_corrupt: bool,
-                 state: dict):
+                 state: dict, sft: bool = False):
         self.source, self.source_index = source, source_index
         self.seed, self.stream, self.num_streams = seed, stream, num_streams
         self.eod_id, self.vocab_size, self.skip_corrupt = eod_id, vocab_size, skip_corrupt
+        self.sft = sft
         self.next_epoch = state["next_epoch"]
         self.items: deque[list[int]] = deque(list(item) for item in state["queue"])
         self.chunks: deque[np.ndarray] = deque()  # loaded chunks of the first items
@@ -61,7 +69,7 @@ class SourceStream:
 
     def _chunk(self, item: list[int]) -> np.ndarray:
         url = self.source.urls[item[1]]
-        docs = read_shard(url, skip_corrupt=self.skip_corrupt)
+        docs = read_shard(url, skip_corrupt=self.skip_corrupt, sft=self.sft)
         expected = self.source.expected_docs[item[1]]
         if expected is not None and len(docs) != expected:
             message = (f"{url}: holds {len(docs)} documents, {self.source.index_path} says "
@@ -70,7 +78,8 @@ class SourceStream:
                 raise ShardError(message)
             log.warning("reading what is there: %s", message)
         order = doc_order(self.seed, self.source_index, item, len(docs))
-        return join_documents([docs[i] for i in order], self.eod_id, url, self.vocab_size)
+        return join_documents([docs[i] for i in order], self.eod_id, url, self.vocab_size,
+                              sft=self.sft)
 
     def read(self, num_tokens: int) -> np.ndarray:
         """The next ``num_tokens + 1`` tokens; advance by ``num_tokens``."""
@@ -109,8 +118,10 @@ class SourceStream:
             self.chunks.popleft()
 
 
-def join_documents(docs: list[np.ndarray], eod_id: int, url: str, vocab_size: int) -> np.ndarray:
-    """Documents back to back with ``eod_id`` after each; checks ids against ``vocab_size``."""
+def join_documents(docs: list[np.ndarray], eod_id: int, url: str, vocab_size: int, *,
+                   sft: bool = False) -> np.ndarray:
+    """Documents back to back with ``eod_id`` after each; checks ids (without an SFT
+    document's ``PROMPT_FLAG``) against ``vocab_size``."""
     if not docs:
         return np.empty(0, dtype=np.uint32)
     dtype = np.result_type(*[d.dtype for d in docs[:1]], np.uint16)
@@ -122,7 +133,7 @@ def join_documents(docs: list[np.ndarray], eod_id: int, url: str, vocab_size: in
         pos += len(doc)
         out[pos] = eod_id
         pos += 1
-    top = int(out.max())
+    top = int((out & (PROMPT_FLAG - 1)).max() if sft else out.max())
     if top >= vocab_size:
         raise ShardError(f"{url}: token id {top} >= the model's vocab_size {vocab_size}")
     return out
@@ -137,14 +148,20 @@ def windows_from(tokens: np.ndarray, count: int, seq_length: int) -> np.ndarray:
 
 
 def make_batch(windows: np.ndarray, eod_id: int, reset_position_ids: bool,
-               reset_attention_mask: bool) -> dict[str, torch.Tensor]:
-    """The trainer's micro-batch from ``[b, seq_length + 1]`` int64 windows."""
-    batch_size, seq_length = windows.shape[0], windows.shape[1] - 1
+               reset_attention_mask: bool, sft: bool = False) -> dict[str, torch.Tensor]:
+    """The trainer's micro-batch from ``[b, seq_length + 1]`` int64 windows (with ``sft``,
+    flagged prompt tokens: no loss where the label is one)."""
+    seq_length = windows.shape[1] - 1
+    if sft:
+        loss_mask = (windows[:, 1:] < PROMPT_FLAG).astype(np.float32)
+        windows = windows & (PROMPT_FLAG - 1)
+    else:
+        loss_mask = np.ones((windows.shape[0], seq_length), dtype=np.float32)
     tokens = np.ascontiguousarray(windows[:, :-1])
     labels = np.ascontiguousarray(windows[:, 1:])
     arange = np.arange(seq_length, dtype=np.int64)
     out = {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-           "loss_mask": torch.ones(batch_size, seq_length, dtype=torch.float32)}
+           "loss_mask": torch.from_numpy(loss_mask)}
     if not (reset_position_ids or reset_attention_mask):
         out["position_ids"] = torch.from_numpy(np.broadcast_to(arange, tokens.shape).copy())
         return out

@@ -3,12 +3,19 @@
 It runs the loader's own resolution and checks (``shardspec.resolve_split``): it reads the
 tokenizer and ``index.json`` files and ``stat()``s local shards, but no shard contents, so a
 missing or truncated shard, a foreign tokenizer or too small a ``model.vocab_size`` is reported
-before any process group or model is built. ``pipe:`` sources are resolved but not run.
+before any process group or model is built; so is a ``data.format`` that differs from the
+shards' (index.json). ``pipe:`` sources are resolved but not run.
 """
 
 from __future__ import annotations
 
-from gptforge.data.shardspec import ResolvedSource, config_tokenizer, resolve_split, shard_problems
+from gptforge.data.shardspec import (
+    ResolvedSource,
+    SourceError,
+    config_tokenizer,
+    resolve_split,
+    shard_problems,
+)
 from gptforge.data.tokenizer import TokenizerInfo
 
 
@@ -19,6 +26,9 @@ def check_data(cfg, *, splits: tuple[str, ...] = ("train", "valid"), seq_length:
     tok = config_tokenizer(cfg, vocab_size)
     notes = [_tokenizer_note(tok)] if tok else []
     if cfg.source == "mock":
+        if cfg.format == "sft":
+            raise SourceError("data.format: sft needs data.source=webdataset and SFT shards "
+                              "(mock data has no prompts to mask)")
         return notes
     for split in splits:
         resolved = resolve_split(cfg, split, vocab_size=vocab_size, tok=tok)

@@ -8,6 +8,10 @@ on the document order, so the worker count never changes the output. After each 
 crash keeps those shards and restarts from the earliest unfinished position (documents already
 in a finished shard of their split are skipped). ``index.json`` is written last.
 
+With ``format="sft"`` (``--format sft``) the inputs are ``.jsonl`` lines with ``prompt`` and
+``response`` strings; prompt and response are tokenized separately and written as SFT documents
+(``.m32`` members: the prompt's ids flagged, see ``shards``), and index.json says ``"sft": true``.
+
 Bad settings, inputs and tokenizers raise a ``DataError`` naming the culprit before anything is
 written: every input is read once up front (``text_inputs.check_input``; for plain text this
 costs far less than tokenizing it). A ``DataError`` after writing has begun removes what this
@@ -37,19 +41,28 @@ from tqdm import tqdm
 from gptforge.data import tokenizer
 from gptforge.data.errors import DataError
 from gptforge.data.outputs import check_out_dir, missing_root
-from gptforge.data.shards import ShardWriter, dtype_for_vocab, ext_for_dtype
+from gptforge.data.shards import (
+    SFT_DTYPE,
+    SFT_EXT,
+    ShardWriter,
+    dtype_for_vocab,
+    ext_for_dtype,
+    sft_document,
+)
 from gptforge.data.text_inputs import (
     TXT_UNITS,
     check_input,
     expand_inputs,
     is_jsonl,
     iter_records,
+    record_pair,
     record_text,
 )
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid")
+FORMATS = ("pretrain", "sft")
 STATE_FILE = ".prepare-state.json"
 INDEX_FILE = "index.json"
 FORMAT = "gptforge-tokens-v1"
@@ -73,6 +86,7 @@ class PrepareSettings:
     workers: int = 1
     docs_per_chunk: int = 256
     command: list[str] = field(default_factory=list)
+    format: str = "pretrain"  # or "sft": prompt/response jsonl, documents with a loss mask
 
 
 def check_settings(settings: PrepareSettings) -> None:
@@ -86,6 +100,8 @@ def check_settings(settings: PrepareSettings) -> None:
         raise PrepareError(f"--workers: must be at least 1, got {settings.workers}")
     if not settings.docs_per_chunk >= 1:
         raise PrepareError(f"docs_per_chunk: must be at least 1, got {settings.docs_per_chunk}")
+    if settings.format not in FORMATS:
+        raise PrepareError(f"--format: must be one of {FORMATS}, got {settings.format!r}")
     if settings.txt_unit not in TXT_UNITS:
         raise PrepareError(f"--txt-unit: must be one of {TXT_UNITS}, got {settings.txt_unit!r}")
     check_out_dir(Path(settings.out), "--out", PrepareError)
@@ -101,18 +117,19 @@ def valid_hash_fraction(text_bytes: bytes) -> float:
 _WORKER: dict = {}
 
 
-def _init_worker(model_path: str, text_key: str, valid_fraction: float, dtype_str: str) -> None:
+def _init_worker(model_path: str, text_key: str, valid_fraction: float, dtype_str: str,
+                 sft: bool = False) -> None:
     try:  # an initializer that raises makes a Pool restart workers forever: raise it per task
         proc = tokenizer.load(model_path)
     except DataError as err:
         proc = err
     _WORKER.update(proc=proc, text_key=text_key, valid_fraction=valid_fraction,
-                   dtype=np.dtype(dtype_str))
+                   dtype=np.dtype(dtype_str), sft=sft)
 
 
-def check_file(path_and_key: tuple[str, str]) -> None:
-    """``check_input`` for a worker: ``(path, text_key)``."""
-    check_input(Path(path_and_key[0]), path_and_key[1])
+def check_file(path_key_sft: tuple[str, str, bool]) -> None:
+    """``check_input`` for a worker: ``(path, text_key, sft)``."""
+    check_input(Path(path_key_sft[0]), path_key_sft[1], path_key_sft[2])
 
 
 def encode_chunk(chunk: tuple[str, bool, list[tuple[int, int, str]]]) -> list[tuple]:
@@ -121,6 +138,8 @@ def encode_chunk(chunk: tuple[str, bool, list[tuple[int, int, str]]]) -> list[tu
     path, jsonl, records = chunk
     if isinstance(_WORKER["proc"], DataError):
         raise _WORKER["proc"]
+    if _WORKER["sft"]:
+        return _encode_sft_chunk(path, records)
     texts, ordinals = [], []
     text_bytes = 0
     for ordinal, line_no, raw in records:
@@ -136,6 +155,27 @@ def encode_chunk(chunk: tuple[str, bool, list[tuple[int, int, str]]]) -> list[tu
         split = int(valid_hash_fraction(raw_bytes) < _WORKER["valid_fraction"])
         out.append((ordinal, split, np.asarray(doc_ids, dtype=_WORKER["dtype"]).tobytes(),
                     len(doc_ids)))
+    return out, text_bytes
+
+
+def _encode_sft_chunk(path: str, records: list[tuple[int, int, str]]) -> list[tuple]:
+    """``encode_chunk`` for prompt/response records: SFT documents (prompt flagged)."""
+    pairs, ordinals = [], []
+    for ordinal, line_no, raw in records:
+        pair = record_pair(raw, f"{path}:{line_no}")
+        if pair[0] or pair[1]:
+            pairs.append(pair)
+            ordinals.append(ordinal)
+    proc = _WORKER["proc"]
+    prompts = tokenizer.encode_batch(proc, [p for p, _ in pairs]) if pairs else []
+    responses = tokenizer.encode_batch(proc, [r for _, r in pairs]) if pairs else []
+    out, text_bytes = [], 0
+    for ordinal, (prompt, response), p_ids, r_ids in zip(ordinals, pairs, prompts, responses):
+        raw_bytes = json.dumps([prompt, response]).encode("utf-8")
+        text_bytes += len(prompt.encode("utf-8")) + len(response.encode("utf-8"))
+        split = int(valid_hash_fraction(raw_bytes) < _WORKER["valid_fraction"])
+        out.append((ordinal, split, sft_document(p_ids, r_ids).tobytes(),
+                    len(p_ids) + len(r_ids)))
     return out, text_bytes
 
 
@@ -167,7 +207,8 @@ Mapper = Callable[[Callable, Iterator], Iterator]
 @contextmanager
 def _worker_map(settings: PrepareSettings, dtype: np.dtype) -> Iterator[Mapper]:
     """An ordered ``imap(fn, items)`` over the worker processes (this process for one)."""
-    args = (settings.tokenizer, settings.text_key, settings.valid_fraction, dtype.str)
+    args = (settings.tokenizer, settings.text_key, settings.valid_fraction, dtype.str,
+            settings.format == "sft")
     if settings.workers <= 1:
         _init_worker(*args)
         yield map
@@ -185,8 +226,8 @@ def _without_remote_traceback(results: Iterator) -> Iterator:
         raise err from None
 
 
-def _check_inputs(imap: Mapper, files: list[Path], text_key: str) -> None:
-    for _ in imap(check_file, [(str(path), text_key) for path in files]):
+def _check_inputs(imap: Mapper, files: list[Path], text_key: str, sft: bool) -> None:
+    for _ in imap(check_file, [(str(path), text_key, sft) for path in files]):
         pass
 
 
@@ -196,7 +237,8 @@ def _check_inputs(imap: Mapper, files: list[Path], text_key: str) -> None:
 def _fingerprint(settings: PrepareSettings, files: list[Path],
                  tok: tokenizer.TokenizerInfo) -> dict:
     """Everything that determines the output bytes (not the worker count or the command)."""
-    return {"format": FORMAT, "files": [[str(p), p.stat().st_size] for p in files],
+    sft = {"sft": True} if settings.format == "sft" else {}
+    return {"format": FORMAT, **sft, "files": [[str(p), p.stat().st_size] for p in files],
             "tokenizer_sha256": tok.sha256, "text_key": settings.text_key,
             "txt_unit": settings.txt_unit, "valid_fraction": settings.valid_fraction,
             "shard_size_mb": settings.shard_size_mb}
@@ -311,7 +353,10 @@ def prepare(settings: PrepareSettings, *, progress: bool = True) -> dict:
     check_settings(settings)
     files = expand_inputs(settings.inputs)
     tok = tokenizer.info(settings.tokenizer)
-    dtype = dtype_for_vocab(tok.vocab_size)
+    if tok.eos_id < 0:
+        raise PrepareError(f"{settings.tokenizer}: the tokenizer has no end-of-sequence token "
+                           f"to end documents with")
+    dtype = SFT_DTYPE if settings.format == "sft" else dtype_for_vocab(tok.vocab_size)
     out = Path(settings.out)
     fingerprint = _fingerprint(settings, files, tok)
     index = _completed_index(out, fingerprint)
@@ -319,7 +364,7 @@ def prepare(settings: PrepareSettings, *, progress: bool = True) -> dict:
         return index
     state = _load_state(out, fingerprint)
     with _worker_map(settings, dtype) as imap:
-        _check_inputs(imap, files, settings.text_key)
+        _check_inputs(imap, files, settings.text_key, settings.format == "sft")
         with _undone_on_data_error(out):
             _make_dir(out)
             _write_shards(out, settings, files, state, dtype, imap, progress)
@@ -364,8 +409,8 @@ def _write_shards(out: Path, settings: PrepareSettings, files: list[Path], state
     """Tokenize the documents not yet in a finished shard and append them to their split."""
     resume = _resume_ordinals(state)
     target = int(settings.shard_size_mb * (1 << 20))
-    writers = [_SplitWriter(out, s, state["splits"][s], target, ext_for_dtype(dtype))
-               for s in SPLITS]
+    ext = SFT_EXT if settings.format == "sft" else ext_for_dtype(dtype)
+    writers = [_SplitWriter(out, s, state["splits"][s], target, ext) for s in SPLITS]
     crash_after = int(os.environ.get(CRASH_ENV, "0"))
     chunks = iter_chunks(files, settings.txt_unit, settings.docs_per_chunk, min(resume.values()))
     docs_written, last_ordinal, start = 0, -1, time.perf_counter()
@@ -399,7 +444,8 @@ def _finish(out: Path, settings: PrepareSettings, state: dict, tok: tokenizer.To
     if settings.valid_fraction > 0 and splits["valid"]["docs"] == 0:
         log.warning("%s: no document fell into the valid split (valid_fraction=%s)", out,
                     settings.valid_fraction)
-    index = {"format": FORMAT, "vocab_size": tok.vocab_size, "dtype": dtype.name,
+    index = {"format": FORMAT, "sft": settings.format == "sft",
+             "vocab_size": tok.vocab_size, "dtype": dtype.name,
              "eod_id": tok.eos_id, "tokenizer": asdict(tok),
              "command": settings.command, "fingerprint": fingerprint, "splits": splits}
     _write_json_atomic(out / INDEX_FILE, index)

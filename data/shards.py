@@ -1,9 +1,16 @@
 """WebDataset tar shards of token ids: a deterministic writer and a checked reader.
 
 A sample is one tar member ``<key>.u16`` or ``<key>.u32``: the document's token ids as raw
-little-endian bytes. The writer fixes every tar header field (mtime 0, uid/gid 0, no names) so
-equal input gives byte-identical shards, and writes to a temporary name, fsyncs and renames, so a
-crash never leaves a half-written shard under its final name.
+little-endian bytes. Supervised fine-tuning (SFT) shards (``data prepare --format sft``, index.json
+``"sft": true``) hold ``<key>.m32`` members instead: little-endian u32 ids, the prompt's tokens
+first with bit 31 (``PROMPT_FLAG``) set, then the response's tokens without it. The flag says
+"no loss on predicting this token"; the loader strips it (``packing.make_batch``). A reader
+asked for one kind refuses a member of the other, so pretraining never reads prompts as
+training targets and fine-tuning never runs without its mask.
+
+The writer fixes every tar header field (mtime 0, uid/gid 0, no names) so equal input gives
+byte-identical shards, and writes to a temporary name, fsyncs and renames, so a crash never
+leaves a half-written shard under its final name.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ from gptforge.data.errors import DataError
 log = logging.getLogger(__name__)
 
 EXT_DTYPES = {"u16": np.dtype("<u2"), "u32": np.dtype("<u4")}
+SFT_EXT = "m32"
+SFT_DTYPE = np.dtype("<u4")
+PROMPT_FLAG = 1 << 31  # set on a prompt token of an SFT document
 
 
 class ShardError(DataError):
@@ -33,6 +43,12 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
 
 def ext_for_dtype(dtype: np.dtype) -> str:
     return {v.str: k for k, v in EXT_DTYPES.items()}[np.dtype(dtype).str]
+
+
+def sft_document(prompt: list[int] | np.ndarray, response: list[int] | np.ndarray) -> np.ndarray:
+    """An SFT document: the prompt ids flagged with ``PROMPT_FLAG``, then the response ids."""
+    prompt = np.asarray(prompt, dtype=SFT_DTYPE) | SFT_DTYPE.type(PROMPT_FLAG)
+    return np.concatenate([prompt, np.asarray(response, dtype=SFT_DTYPE)])
 
 
 BLOCK_BYTES = 512
@@ -96,19 +112,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _decode_member(url: str, fname: str, data: bytes) -> np.ndarray:
+def _member_dtype(url: str, fname: str, sft: bool) -> np.dtype:
+    """The dtype of a member's tokens; refuses a member that is not the kind asked for."""
     _, _, ext = fname.rpartition(".")
-    dtype = EXT_DTYPES.get(ext)
+    if ext == SFT_EXT and not sft:
+        raise ShardError(f"{url}: member {fname!r} is SFT data (prompt/response with a loss "
+                         f"mask); set data.format=sft to train on it")
+    if ext in EXT_DTYPES and sft:
+        raise ShardError(f"{url}: member {fname!r} is pretraining data with no loss mask, but "
+                         f"data.format=sft; make SFT shards with data prepare --format sft")
+    dtype = SFT_DTYPE if ext == SFT_EXT else EXT_DTYPES.get(ext)
     if dtype is None:
-        raise ShardError(f"{url}: member {fname!r} is not token data (expected .u16 or .u32)")
+        raise ShardError(f"{url}: member {fname!r} is not token data (expected .u16, .u32 "
+                         f"or .m32)")
+    return dtype
+
+
+def _decode_member(url: str, fname: str, data: bytes, sft: bool) -> np.ndarray:
+    dtype = _member_dtype(url, fname, sft)
     if len(data) % dtype.itemsize:
         raise ShardError(f"{url}: member {fname!r} has {len(data)} bytes, not a whole number "
                          f"of {dtype.itemsize}-byte tokens")
     return np.frombuffer(data, dtype=dtype)
 
 
-def read_shard(url: str, *, skip_corrupt: bool = False) -> list[np.ndarray]:
-    """Every document of a shard (path or ``pipe:`` command), in file order.
+def read_shard(url: str, *, skip_corrupt: bool = False, sft: bool = False) -> list[np.ndarray]:
+    """Every document of a shard (path or ``pipe:`` command), in file order; with ``sft`` its
+    ``.m32`` SFT documents (flags kept), else its ``.u16``/``.u32`` documents.
 
     A missing, truncated or corrupt shard, or a member that is not token data, raises
     ``ShardError`` naming ``url``; with ``skip_corrupt`` bad members are skipped and a broken
@@ -125,7 +155,7 @@ def read_shard(url: str, *, skip_corrupt: bool = False) -> list[np.ndarray]:
     try:
         for sample in tar_file_iterator(stream):
             try:
-                docs.append(_decode_member(url, sample["fname"], sample["data"]))
+                docs.append(_decode_member(url, sample["fname"], sample["data"], sft))
             except ShardError as err:
                 if not skip_corrupt:
                     raise

@@ -42,6 +42,7 @@ class ResolvedSource:
     expected_bytes: tuple[int | None, ...]  # per shard, from index.json when known
     expected_tokens: tuple[int | None, ...]  # per shard, from index.json when known
     tokenizer_path: str | None  # the tokenizer file index.json says made the shards
+    sft: bool | None = None  # index.json says SFT shards (True) or pretraining (False)
 
 
 def _read_index(path: Path) -> dict:
@@ -63,7 +64,8 @@ def _source(spec: str, urls: list[str], entries: list[dict | None], index_path: 
     return ResolvedSource(spec, tuple(urls), per_shard("docs"),
                           str(index_path) if index_path else None, index.get("vocab_size"),
                           index.get("eod_id"), tok.get("sha256") or None, per_shard("bytes"),
-                          per_shard("tokens"), tok.get("path") or None)
+                          per_shard("tokens"), tok.get("path") or None,
+                          bool(index.get("sft", False)) if index_path else None)
 
 
 def _from_directory(directory: Path, split: str) -> ResolvedSource:
@@ -212,6 +214,19 @@ def check_source(src: ResolvedSource, vocab_size: int,
                           f"{tok.path} has sha256 {tok.sha256[:12]}…")
 
 
+def check_format(src: ResolvedSource, data_format: str) -> None:
+    """The shards are of ``data.format`` as far as index.json tells (members are checked when
+    read: ``shards.read_shard``)."""
+    if src.sft is None or src.sft == (data_format == "sft"):
+        return
+    if data_format == "sft":
+        raise SourceError(f"{src.index_path}: pretraining shards (no loss mask), but "
+                          f"data.format=sft would train on prompts; make SFT shards with "
+                          f"data prepare --format sft")
+    raise SourceError(f"{src.index_path}: SFT shards (prompt/response), but data.format="
+                      f"{data_format}; set data.format=sft to train on them")
+
+
 def eod_id(src: ResolvedSource, tok: tokenizer.TokenizerInfo | None) -> int:
     if src.eod_id is not None:
         return src.eod_id
@@ -229,6 +244,7 @@ def _resolve_one(key: str, sc, index_split: str, cfg, vocab_size: int,
     try:
         src = resolve(sc.path, index_split, check_exists=not cfg.skip_corrupt)
         check_source(src, vocab_size, tok)
+        check_format(src, cfg.format)
         return src, eod_id(src, tok)
     except DataError as err:
         raise type(err)(f"{key}: {err}") from None

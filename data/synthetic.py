@@ -11,28 +11,31 @@ from pathlib import Path
 import numpy as np
 
 from gptforge.data.prepare import FORMAT, INDEX_FILE
-from gptforge.data.shards import ShardWriter, dtype_for_vocab, ext_for_dtype
+from gptforge.data.shards import SFT_DTYPE, SFT_EXT, ShardWriter, dtype_for_vocab, ext_for_dtype
 
 
 def write_token_dataset(out: str | Path, splits: dict[str, list[list[np.ndarray]]], *,
-                        vocab_size: int, eod_id: int, tokenizer_sha256: str = "") -> dict:
-    """``splits[name][k]`` is the list of documents of shard k; returns the index written."""
+                        vocab_size: int, eod_id: int, tokenizer_sha256: str = "",
+                        sft: bool = False) -> dict:
+    """``splits[name][k]`` is the list of documents of shard k; returns the index written.
+    With ``sft`` the documents are SFT documents (``shards.sft_document``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = dtype_for_vocab(vocab_size)
+    dtype = SFT_DTYPE if sft else dtype_for_vocab(vocab_size)
+    ext = SFT_EXT if sft else ext_for_dtype(dtype)
     index_splits = {}
     for split, shards in splits.items():
         entries = []
         for k, docs in enumerate(shards):
             writer = ShardWriter(out / f"{split}-{k:06d}.tar")
             for d, doc in enumerate(docs):
-                writer.add(f"{d:010d}", np.asarray(doc, dtype=dtype).tobytes(),
-                           ext_for_dtype(dtype), len(doc))
+                writer.add(f"{d:010d}", np.asarray(doc, dtype=dtype).tobytes(), ext, len(doc))
             entries.append({"file": writer.final_path.name, "docs": writer.num_docs,
                             "tokens": writer.num_tokens, "bytes": writer.close()})
         index_splits[split] = {"docs": sum(e["docs"] for e in entries),
                                "tokens": sum(e["tokens"] for e in entries), "shards": entries}
-    index = {"format": FORMAT, "vocab_size": vocab_size, "dtype": dtype.name, "eod_id": eod_id,
+    index = {"format": FORMAT, "sft": sft, "vocab_size": vocab_size, "dtype": dtype.name,
+             "eod_id": eod_id,
              "tokenizer": {"sha256": tokenizer_sha256}, "command": ["synthetic"],
              "splits": index_splits}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")

@@ -9,7 +9,8 @@ or ``line``.
 ``check_input`` reads a file once and stops at its first problem (binary data, invalid UTF-8,
 a bad gzip stream, a jsonl line that is not a JSON object with a string text field), naming
 ``path:line``; ``data prepare`` and ``tokenizer train`` run it on every input before they write
-anything.
+anything. For SFT data (``data prepare --format sft``) the inputs are ``.jsonl`` files whose
+lines are objects with string ``prompt`` and ``response`` fields (``record_pair``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ TXT_UNITS = ("file", "paragraph", "line")
 SNIFF_BYTES = 8192  # a NUL byte this early marks a binary file (as git and grep decide)
 SCAN_BLOCK_BYTES = 16 << 20
 GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+SFT_KEYS = ("prompt", "response")
 
 
 class InputError(DataError):
@@ -139,13 +141,19 @@ def check_bytes(path: Path) -> None:
         raise InputError(f"{path}{problem}")
 
 
-def check_input(path: Path, text_key: str = "text") -> None:
+def check_input(path: Path, text_key: str = "text", sft: bool = False) -> None:
     """Read ``path`` once and raise InputError at its first problem; see the module docstring."""
+    if sft and not is_jsonl(path):
+        raise InputError(f"{path}: --format sft reads .jsonl files with {SFT_KEYS[0]!r} and "
+                         f"{SFT_KEYS[1]!r} string fields")
     if not is_jsonl(path):
         check_bytes(path)
         return
     for line_no, raw in iter_records(path, "line"):  # locates bad bytes with check_bytes
-        record_text(raw, True, text_key, f"{path}:{line_no}")
+        if sft:
+            record_pair(raw, f"{path}:{line_no}")
+        else:
+            record_text(raw, True, text_key, f"{path}:{line_no}")
 
 
 def is_jsonl(path: Path) -> bool:
@@ -198,19 +206,33 @@ def record_text(raw: str, jsonl: bool, text_key: str, where: str) -> str:
     """The document text of one raw record; ``where`` (file:line) names a bad record."""
     if not jsonl:
         return raw
+    obj = _json_object(raw, where, f"a {text_key!r} field")
+    return _string_field(obj, text_key, where, " (--text-key)")
+
+
+def record_pair(raw: str, where: str) -> tuple[str, str]:
+    """The ``(prompt, response)`` of one SFT jsonl line; ``where`` (file:line) names a bad one."""
+    obj = _json_object(raw, where, f"{SFT_KEYS[0]!r} and {SFT_KEYS[1]!r} fields")
+    return _string_field(obj, SFT_KEYS[0], where), _string_field(obj, SFT_KEYS[1], where)
+
+
+def _json_object(raw: str, where: str, wanted: str) -> dict:
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as err:
         raise InputError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(obj, dict):
-        raise InputError(f"{where}: a JSON {_json_type(obj)}, not an object with a "
-                         f"{text_key!r} field")
-    if text_key not in obj:
-        raise InputError(f"{where}: JSON record has no {text_key!r} field (--text-key)")
-    text = obj[text_key]
-    if not isinstance(text, str):
-        raise InputError(f"{where}: field {text_key!r} is a JSON {_json_type(text)}, not a string")
-    return text
+        raise InputError(f"{where}: a JSON {_json_type(obj)}, not an object with {wanted}")
+    return obj
+
+
+def _string_field(obj: dict, key: str, where: str, hint: str = "") -> str:
+    if key not in obj:
+        raise InputError(f"{where}: JSON record has no {key!r} field{hint}")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise InputError(f"{where}: field {key!r} is a JSON {_json_type(value)}, not a string")
+    return value
 
 
 def iter_documents(files: list[Path], text_key: str = "text",
