@@ -187,6 +187,11 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
     return _build(Config, merged)
 
 
+def config_from_dict(values: dict) -> Config:
+    """A Config from a nested mapping (a manifest's config, a converter's): checked like a file."""
+    return _build(Config, values)
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -99,7 +99,8 @@ def zero_to_fp32(checkpoint: str, out: str) -> Path:
     from gptforge.launcher.config import validate
     from gptforge.launcher.train import build_engine
     from gptforge.parallel.context import destroy_parallel, init_parallel
-    from gptforge.parallel.deepspeed_convert import fp32_state_dict, load_gpt_weights
+    from gptforge.parallel.deepspeed_convert import fp32_state_dict
+    from gptforge.parallel.weights import load_gpt_weights
 
     step_dir, source = _source(checkpoint)
     out_dir = Path(out)

@@ -51,8 +51,9 @@ class ModelConfig:
     """Norm layer type."""
     layernorm_epsilon: float = 1e-5
     """Norm epsilon."""
-    activation: Literal["gelu", "swiglu"] = "gelu"
-    """MLP activation: gelu (GPT-2) or swiglu (gated, Llama)."""
+    activation: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    """MLP activation: gelu (exact, erf), gelu_tanh (tanh approximation: GPT-2's gelu_new) or
+    swiglu (gated, Llama)."""
     tie_embeddings: bool = True
     """Share the input embedding and the output layer's weight."""
     add_bias_linear: bool = True
@@ -91,6 +92,14 @@ def validate_model(model: ModelConfig) -> None:
         raise ModelConfigError("model.init_method_std", f"must be > 0, got {model.init_method_std}")
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation (GPT-2's ``gelu_new``; Hugging Face ``gelu_pytorch_tanh``)."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": gelu_tanh, "swiglu": F.silu}
+
+
 def num_query_groups(model: ModelConfig) -> int:
     return model.num_query_groups or model.num_attention_heads
 
@@ -119,7 +128,7 @@ def transformer_config(model: ModelConfig, *, params_dtype: torch.dtype,
         kv_channels=model.hidden_size // model.num_attention_heads,
         normalization=model.normalization,
         layernorm_epsilon=model.layernorm_epsilon,
-        activation_func=F.silu if swiglu else F.gelu,
+        activation_func=ACTIVATIONS[model.activation],
         gated_linear_unit=swiglu,
         bias_activation_fusion=False,
         add_bias_linear=model.add_bias_linear,

@@ -1,7 +1,16 @@
-"""Text generation from a trained GPT (one full model per rank: TP=1, PP=1), no KV cache yet."""
+"""Text generation from one full model (TP=1, PP=1) with megatron-core's static KV cache.
+
+A batch of prompts of different lengths is run as megatron's static engine does it: the prefill
+covers the shortest prompt, then every step feeds one token per row with the cache
+(``StaticInferenceContext``); a row still inside its prompt takes its next prompt token instead
+of a sampled one. So no padding or attention mask is needed and each row's tokens are exactly
+those of a batch of one. Sampling follows transformers' order: repetition penalty, temperature,
+top-k, top-p.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,27 +30,143 @@ class SampleConfig:
     """Sample among the k most likely tokens."""
 
 
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: all tokens
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def check(self) -> None:
+        for key, ok in (("temperature", self.temperature >= 0), ("top_k", self.top_k >= 0),
+                        ("top_p", 0 < self.top_p <= 1),
+                        ("repetition_penalty", self.repetition_penalty > 0)):
+            if not ok:
+                raise GenerationError(f"--{key.replace('_', '-')}: {getattr(self, key)} is out "
+                                      f"of range")
+
+
+class GenerationError(ValueError):
+    """A prompt or setting generation cannot use; names it."""
+
+
+def _penalise(logits: torch.Tensor, seen: list[torch.Tensor], penalty: float) -> torch.Tensor:
+    if penalty == 1.0:
+        return logits
+    logits = logits.clone()
+    for row, ids in enumerate(seen):
+        score = logits[row, ids]
+        logits[row, ids] = torch.where(score < 0, score * penalty, score / penalty)
+    return logits
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(ordered, dim=-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the fewest tokens reaching top_p
+        logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def choose(logits: torch.Tensor, seen: list[torch.Tensor], sampling: Sampling,
+           gen: torch.Generator) -> torch.Tensor:
+    """Next token per row from ``[rows, vocab]`` float32 logits."""
+    logits = _penalise(logits, seen, sampling.repetition_penalty)
+    if sampling.temperature <= 0:
+        return logits.argmax(-1)
+    logits = _filter(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(-1)
+
+
+def _check_prompts(prompts: list[list[int]], max_new_tokens: int, context: int) -> int:
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise GenerationError(f"prompt {i}: empty (no tokens)")
+        if len(prompt) + max_new_tokens > context:
+            raise GenerationError(
+                f"prompt {i}: {len(prompt)} tokens + --max-new-tokens {max_new_tokens} exceed "
+                f"the model's context of {context} tokens (model.seq_length)")
+    return max(len(p) + max_new_tokens for p in prompts)
+
+
+class _Forward:
+    """The model's last-position logits for the next step, with or without the KV cache."""
+
+    def __init__(self, model, batch: int, total: int, kv_cache: bool):
+        self.model, self.kv_cache = model, kv_cache
+        self.context = None
+        if kv_cache:
+            from megatron.core.inference.contexts import StaticInferenceContext
+
+            self.context = StaticInferenceContext(batch, total)
+
+    def __call__(self, tokens: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Logits at position ``end - 1`` given the tokens up to ``end`` (the cache holds
+        everything before ``start``)."""
+        first = start if self.kv_cache else 0
+        window = tokens[:, first:end]
+        positions = torch.arange(first, end, device=tokens.device).expand_as(window)
+        logits = self.model(window, positions, None, inference_context=self.context,
+                            runtime_gather_output=True)
+        if self.kv_cache:
+            self.context.increment_sequence_len_offset(end - start)
+            self.context.enable_decode_mode()
+        return logits[:, -1, :].float()
+
+
 @torch.no_grad()
+def generate_batch(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
+                   vocab_size: int, context: int, sampling: Sampling = Sampling(),
+                   seed: int = 0, eod_id: int | None = None, kv_cache: bool = True,
+                   on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """The generated ids of each prompt (without the prompt; stops after ``eod_id``, which is not
+    returned). ``on_token(row, id)`` is called for each generated token as it comes."""
+    sampling.check()
+    total = _check_prompts(prompts, max_new_tokens, context)
+    device = next(model.parameters()).device
+    model.eval()
+    lengths = [len(p) for p in prompts]
+    tokens = torch.zeros(len(prompts), total, dtype=torch.int64, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    forward = _Forward(model, len(prompts), total, kv_cache)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [max_new_tokens == 0] * len(prompts)
+    pos = min(lengths)
+    logits = forward(tokens, 0, pos)
+    while not all(done) and pos < total:
+        seen = [tokens[row, :pos].cpu() for row in range(len(prompts))]
+        picked = choose(logits[:, :vocab_size].cpu(), seen, sampling, gen)
+        for row in range(len(prompts)):
+            if pos < lengths[row] or done[row]:
+                continue  # inside the prompt (its token stays) or finished (ignored)
+            token = int(picked[row])
+            tokens[row, pos] = token
+            if token == eod_id:
+                done[row] = True
+                continue
+            out[row].append(token)
+            done[row] = len(out[row]) >= max_new_tokens
+            if on_token is not None:
+                on_token(row, token)
+        pos += 1
+        if not all(done) and pos < total:
+            logits = forward(tokens, pos - 1, pos)
+    return out
+
+
 def generate(model: torch.nn.Module, prompt_ids: list[int], *, max_new_tokens: int,
              vocab_size: int, seq_length: int, temperature: float = 0.8, top_k: int = 20,
              seed: int = 0, eod_id: int | None = None) -> list[int]:
-    """Sample continuation ids (temperature + top-k; temperature 0 is greedy)."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    ids = list(prompt_ids)
-    model.eval()
-    for _ in range(max_new_tokens):
-        window = ids[-seq_length:]
-        tokens = torch.tensor([window], dtype=torch.int64, device=device)
-        positions = torch.arange(len(window), device=device).unsqueeze(0)
-        logits = model(tokens, positions, None)[0, -1, :vocab_size].float().cpu()
-        if temperature <= 0:
-            next_id = int(logits.argmax())
-        else:
-            top = torch.topk(logits / temperature, min(top_k, vocab_size))
-            choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)
-            next_id = int(top.indices[choice])
-        if eod_id is not None and next_id == eod_id:
-            break
-        ids.append(next_id)
-    return ids[len(prompt_ids):]
+    """One prompt's continuation (the post-training sample): as many of ``max_new_tokens`` as
+    the context leaves room for."""
+    prompt = list(prompt_ids)[-(seq_length - 1):]
+    room = min(max_new_tokens, seq_length - len(prompt))
+    return generate_batch(model, [prompt], max_new_tokens=room, vocab_size=vocab_size,
+                          context=seq_length, sampling=Sampling(temperature, top_k),
+                          seed=seed, eod_id=eod_id)[0]

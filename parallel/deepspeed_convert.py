@@ -127,30 +127,3 @@ def fp32_state_dict(state_dir: str | Path, *, tp_rank: int = 0) -> dict[str, tor
     except Exception as e:  # noqa: BLE001 (DeepSpeed raises ValueError/KeyError/... on bad files)
         raise CheckpointError(f"{ds_dir}: cannot rebuild the fp32 weights: {e}") from e
     return {gpt_param_name(k): v for k, v in state.items()}
-
-
-def load_gpt_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy ``weights`` (GPTModel names) into ``model`` (a GPTModel, possibly inside megatron's
-    DDP / Float16Module wrappers); every parameter must be there with its shape."""
-    from megatron.core.utils import unwrap_model
-
-    params = dict(unwrap_model(model).named_parameters())
-    missing = sorted(set(params) - set(weights))
-    unexpected = sorted(k for k in set(weights) - set(params) if not _is_buffer(model, k))
-    for names, what in ((missing, "missing from"), (unexpected, "not in this model, found in")):
-        if names:
-            raise CheckpointError(f"weights: {names[0]!r} (+{len(names) - 1} more) {what} the "
-                                  f"checkpoint")
-    with torch.no_grad():
-        for name, param in params.items():
-            value = weights[name]
-            if tuple(value.shape) != tuple(param.shape):
-                raise CheckpointError(f"weights: {name} has shape {tuple(value.shape)} in the "
-                                      f"checkpoint, {tuple(param.shape)} here")
-            param.copy_(value.to(param.dtype))
-
-
-def _is_buffer(model: torch.nn.Module, name: str) -> bool:
-    from megatron.core.utils import unwrap_model
-
-    return name in dict(unwrap_model(model).named_buffers())
