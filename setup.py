@@ -2,7 +2,7 @@
 
 from setuptools import setup
 
-PARTS = ["launcher", "model", "data", "parallel"]
+PARTS = ["launcher", "model", "data", "parallel", "slurm"]
 
 setup(
     name="gptforge",
@@ -11,6 +11,7 @@ setup(
     python_requires=">=3.11",
     packages=[f"gptforge.{p}" for p in PARTS],  # gptforge itself is a namespace package
     package_dir={f"gptforge.{p}": p for p in PARTS},
+    package_data={"gptforge.slurm": ["*.tmpl", "*.sh"]},
     install_requires=[
         "torch==2.13.0",
         "megatron-core==0.16.1",

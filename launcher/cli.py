@@ -19,6 +19,7 @@ CONFIG_USAGE = "[--config FILE ...] [--section.key=value ...]"
 # Modules that add verbs: each has register(subparsers).
 VERB_MODULES = ("gptforge.data.cli", "gptforge.launcher.checkpoint_cli",
                 "gptforge.launcher.plan_cli", "gptforge.launcher.launch_cli",
+                "gptforge.launcher.mlflow_cli", "gptforge.launcher.report",
                 "gptforge.launcher.convert_cli")
 
 

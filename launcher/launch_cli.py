@@ -362,3 +362,8 @@ def register(verbs) -> None:
                    help="print the command and the ranks' environment; start nothing")
     p.set_defaults(func=_launch, config_args=[])
     _keep_config_args(p)
+
+    from gptforge.launcher import launch_status, slurm_cli
+
+    slurm_cli.add_parser(sub, _keep_config_args)
+    launch_status.add_parser(sub)

@@ -208,14 +208,90 @@ def _finish(cfg: Config, result: RunResult, ckpt, sink, ctx, engine) -> None:
         write_sample(cfg, engine.model_chunks[0], ctx.is_logging_rank)
 
 
+def _host_count(ctx) -> int:
+    import os
+    import socket
+
+    from gptforge.parallel.context import all_gather_objects
+
+    if os.environ.get("SLURM_NNODES"):  # (two Slurm "nodes" may share a host name in tests)
+        return int(os.environ["SLURM_NNODES"])
+    return len(set(all_gather_objects(ctx, socket.gethostname())))
+
+
+def _git_commit() -> dict[str, str]:
+    import subprocess
+
+    source = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return {}
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    commit = head.stdout.strip()
+    return {"git.commit": commit, "mlflow.source.git.commit": commit,
+            "git.dirty": str(bool(dirty)).lower()}
+
+
+def _mlflow_run(cfg: Config, layout: Layout, ctx, start: Start) -> dict:
+    """What the logging rank's MLflow run is called and tagged with (collective when on)."""
+    if not cfg.logging.mlflow:
+        return {}
+    import socket
+
+    from gptforge.launcher.slurm_rank import job_tags
+
+    hosts = _host_count(ctx)  # every rank takes part
+    if not ctx.is_logging_rank:
+        return {}
+    tags = {"gptforge.run_dir": str(Path(cfg.run.dir).resolve()), "layout": layout.describe(),
+            "engine": cfg.parallel.engine, "world_size": str(ctx.world_size),
+            "host_count": str(hosts), "host": socket.gethostname(), **_git_commit(),
+            **job_tags()}
+    return {"run_name": cfg.run.name or Path(cfg.run.dir).resolve().name,
+            "fresh": not start.resuming, "tags": tags}
+
+
+def _params(cfg: Config, layout: Layout) -> dict:
+    """The flattened resolved config, and what the layout derives from it."""
+    params = {f"{s}.{k}": v for s, sec in to_dict(cfg).items() for k, v in sec.items()}
+    params.update({"derived.world_size": layout.world_size,
+                   "derived.data_parallel_size": layout.data_parallel_size,
+                   "derived.num_microbatches": layout.num_microbatches,
+                   "derived.padded_vocab_size": layout.padded_vocab_size})
+    return params
+
+
+def _artifacts(cfg: Config) -> list[tuple[Path, str | None]]:
+    """What the MLflow run keeps: config, job script, sample, checkpoint manifests."""
+    from gptforge.launcher.checkpoint import MANIFEST, save_dir
+
+    run_dir = Path(cfg.run.dir)
+    out: list[tuple[Path, str | None]] = [
+        (run_dir / name, None) for name in ("config.yaml", "job.sbatch", "job_config.yaml",
+                                           "sweep.json", "sample.txt")
+        if (run_dir / name).is_file()]
+    ckpt_dir = save_dir(cfg.checkpoint, cfg.run.dir)
+    if cfg.checkpoint.enabled and ckpt_dir.is_dir():
+        for manifest in sorted(ckpt_dir.glob(f"step-*/{MANIFEST}")):
+            out.append((manifest, f"checkpoints/{manifest.parent.name}"))
+    return out
+
+
 def run(cfg: Config) -> RunResult:
     """Train on this rank: resume if there is a checkpoint, save at the configured steps, stop
-    at one step on every rank (and checkpoint) after SIGTERM/SIGINT/SIGUSR1."""
+    at one step on every rank (and checkpoint) after SIGTERM/SIGINT/SIGUSR1. The MLflow run
+    ends FINISHED, KILLED (stopped by a signal: a resumed run continues it) or FAILED."""
     from gptforge.launcher.checkpointer import Checkpointer
     from gptforge.launcher.metrics import build_sink
-    from gptforge.launcher.signals import StopRequest
+    from gptforge.launcher.slurm_rank import stop_request
     from gptforge.launcher.trainer import train
-    from gptforge.parallel.context import (check_launch_env, destroy_model_parallel,
+    from gptforge.parallel.context import (barrier, check_launch_env, destroy_model_parallel,
                                            env_rank_info, init_parallel)
     from gptforge.parallel.seeding import set_seed
 
@@ -226,8 +302,9 @@ def run(cfg: Config) -> RunResult:
     if rank == 0:
         _start_run_dir(cfg, start)
     notes = check_data(cfg)
-    stop = StopRequest(announce=rank == 0).install()
+    stop = stop_request(announce=rank == 0).install()
     ctx = init_parallel(cfg.parallel)
+    sink = None
     try:
         for note in [*layout_notes(cfg, layout), *notes]:
             _say(ctx, note)
@@ -238,9 +315,9 @@ def run(cfg: Config) -> RunResult:
         ckpt = Checkpointer(cfg.checkpoint, run_dir=cfg.run.dir, ctx=ctx, engine=engine,
                             batches=batches, config=to_dict(cfg), layout=layout,
                             tokenizer_sha256=_tokenizer_sha256(cfg), stop=stop)
-        sink = build_sink(cfg.run.dir, cfg.logging, ctx.is_logging_rank)
-        sink.log_params({f"{s}.{k}": v for s, sec in to_dict(cfg).items()
-                         for k, v in sec.items()})
+        sink = build_sink(cfg.run.dir, cfg.logging, ctx.is_logging_rank,
+                          **_mlflow_run(cfg, layout, ctx, start))
+        sink.log_params(_params(cfg, layout))
         throughput = _throughput(cfg, layout, ctx)  # before a load: it draws random numbers
         start_step = _resume(cfg, start, ckpt, sink, ctx)  # restores the RNG: nothing after
         loop = train(engine, iter(batches), cfg.train, num_microbatches=layout.num_microbatches,
@@ -251,8 +328,14 @@ def run(cfg: Config) -> RunResult:
                            last_step=loop.last_step,
                            stopped_by=stop.signal_name if loop.stopped_early else "")
         _finish(cfg, result, ckpt, sink, ctx, engine)
-        sink.close()
+        sink.close("KILLED" if result.stopped_by else "FINISHED", artifacts=_artifacts(cfg))
+        barrier(ctx)  # every rank leaves together (srun ends a step at its first exit)
         return result
+    except BaseException as exc:
+        if sink is not None:
+            sink.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
+                       report=False)
+        raise
     finally:
         stop.uninstall()
         destroy_model_parallel()
