@@ -156,7 +156,8 @@ def save_hf_tokenizer(tokenizer_path: str | Path, out_dir: str | Path, *,
                       model_max_length: int) -> TokenizerInfo:
     """Write ``tokenizer_path`` (a sentencepiece .model or a Hugging Face tokenizer) into
     ``out_dir`` as Hugging Face tokenizer files; return its info (the bos/eos/pad/unk ids for
-    config.json and generation_config.json). No config.json is needed or written."""
+    config.json and generation_config.json). No config.json is needed or written. A Hugging
+    Face source keeps its ``tokenizer.json`` byte for byte, so its hash (shards') stays."""
     from gptforge.data import tokenizer
 
     path, out = Path(tokenizer_path), Path(out_dir)
@@ -171,6 +172,8 @@ def save_hf_tokenizer(tokenizer_path: str | Path, out_dir: str | Path, *,
     backend.save_pretrained(str(out))
     if not is_hf_path(path):
         _set_tokenizer_class(out / "tokenizer_config.json")
+    elif len(files := hashed_files(path)) == 1:  # tokenizer.json: keep the bytes shards hashed
+        (out / TOKENIZER_JSON).write_bytes(files[0].read_bytes())
     return result
 
 

@@ -112,6 +112,7 @@ def test_export_of_a_hf_tokenizer_is_the_same_tokenizer(gpt2_dir, tmp_path):
         str(tmp_path / "out"))
     assert info.eos_id == b.eos_token_id == a.convert_tokens_to_ids(EOT)
     assert b.model_max_length == 32
+    assert tokenizer.info(tmp_path / "out").sha256 == tokenizer.info(gpt2_dir).sha256
     for text in STRESS:
         assert a.encode(text) == b.encode(text)
 
@@ -160,6 +161,8 @@ def test_tokenizer_json_file_and_vocab_merges_folder(gpt2_dir, tmp_path):
     assert tokenizer.info(bare).sha256 == tokenizer.info(gpt2_dir).sha256
     both = (vm / "vocab.json").read_bytes() + (vm / "merges.txt").read_bytes()
     assert tokenizer.info(vm).sha256 == hashlib.sha256(both).hexdigest()
+    save_hf_tokenizer(vm, tmp_path / "out", model_max_length=16)
+    assert tokenizer.load(tmp_path / "out").encode(STRESS[-3]) == ref.encode(STRESS[-3])
 
 
 def test_unusable_hf_paths_are_named(tmp_path):
