@@ -20,7 +20,8 @@ CONFIG_USAGE = "[--config FILE ...] [--section.key=value ...]"
 VERB_MODULES = ("gptforge.data.cli", "gptforge.launcher.checkpoint_cli",
                 "gptforge.launcher.plan_cli", "gptforge.launcher.launch_cli",
                 "gptforge.launcher.mlflow_cli", "gptforge.launcher.report",
-                "gptforge.launcher.convert_cli")
+                "gptforge.launcher.convert_cli", "gptforge.launcher.generate_cli",
+                "gptforge.launcher.eval_cli")
 
 
 def _nproc(args: argparse.Namespace) -> int | None:

@@ -33,12 +33,13 @@ def user_error_types() -> tuple[type, ...]:
     from gptforge.data.errors import DataError
     from gptforge.launcher.rundir import RunDirError
     from gptforge.model.config import ModelConfigError
+    from gptforge.model.generate import GenerationError
     from gptforge.parallel.config import ConfigError
     from gptforge.parallel.context import LaunchError
     from gptforge.parallel.engine import CheckpointError
 
     return (ConfigError, ModelConfigError, DataError, RunDirError, LaunchError,
-            CheckpointError)
+            CheckpointError, GenerationError)
 
 
 def is_user_error(exc: BaseException) -> bool:

@@ -10,6 +10,7 @@ with or without the ``transformer.`` prefix and with the old attention-mask buff
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from gptforge.model.config import ModelConfig, ModelConfigError
 from gptforge.model.hf_config import from_hf_config
 from gptforge.parallel.engine import CheckpointError
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -127,3 +130,13 @@ def write_hf_folder(out: Path, config: dict, state: dict, *, generation: dict) -
               metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """The tokenizer files of a Hugging Face folder, copied byte for byte (so that their hash,
+    which shards record, stays the same); the names copied."""
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = [name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
+    for name in copied:
+        shutil.copyfile(Path(src) / name, dst / name)
+    return copied

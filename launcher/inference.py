@@ -4,8 +4,8 @@ what ``gptforge generate``, ``eval`` and ``convert`` work on.
 Our checkpoint may have been saved at any layout: megatron's distributed checkpoint reshards it
 into TP=1 on load (a deepspeed-engine save goes through DeepSpeed's zero_to_fp32, TP=1 saves
 only). A Hugging Face folder (GPT-2 or Llama) is converted on the fly (``model/hf_weights.py``);
-its vocabulary is not padded (``make_vocab_size_divisible_by=1``) so that no padded row takes
-probability mass and losses equal transformers'.
+its padded vocabulary rows take no probability mass (``model/vocab_mask.py``), so losses equal
+transformers'.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gptforge.launcher.config import Config, config_from_dict, to_dict, validate
+from gptforge.launcher.config import Config, config_from_dict, validate
 from gptforge.launcher.hf_folder import HFModel, check_keys, is_hf_folder, read_hf_folder
 from gptforge.parallel.layout import Layout
 
@@ -45,6 +45,7 @@ class Loaded:
     cfg: Config
     layout: Layout
     engine: object  # the megatron engine (its optimizer unused)
+    ctx: object  # this process's ParallelContext
     path: Path  # the step directory or the Hugging Face folder
     hf: HFModel | None  # set for a Hugging Face folder
 
@@ -79,7 +80,7 @@ def _build(cfg: Config):
 
     layout = validate(cfg, 1)
     ctx = init_parallel(cfg.parallel)
-    return layout, build_engine(cfg, layout, ctx)
+    return layout, ctx, build_engine(cfg, layout, ctx)
 
 
 def load_checkpoint(path: str | Path, *, delta: dict | None = None) -> Loaded:
@@ -93,7 +94,7 @@ def load_checkpoint(path: str | Path, *, delta: dict | None = None) -> Loaded:
     if problem:
         raise CheckpointError(problem)
     cfg = config_from_dict(merge(merge(manifest["config"], ONE_PROCESS), delta or {}))
-    layout, engine = _build(cfg)
+    layout, ctx, engine = _build(cfg)
     if manifest["layout"].get("engine") == "deepspeed":
         from gptforge.parallel.deepspeed_convert import fp32_state_dict
         from gptforge.parallel.weights import load_gpt_weights
@@ -106,7 +107,7 @@ def load_checkpoint(path: str | Path, *, delta: dict | None = None) -> Loaded:
         engine.optimizer.reload_model_params()
     else:
         engine.load(step_dir / ck.STATE_DIR, load_optim=False)
-    return Loaded(cfg, layout, engine, step_dir, None)
+    return Loaded(cfg, layout, engine, ctx, step_dir, None)
 
 
 def hf_config_dict(hf: HFModel, delta: dict | None = None) -> dict:
@@ -122,14 +123,14 @@ def load_hf(path: str | Path, *, delta: dict | None = None) -> Loaded:
 
     hf = read_hf_folder(path)
     cfg = config_from_dict(hf_config_dict(hf, delta))
-    layout, engine = _build(cfg)
+    layout, ctx, engine = _build(cfg)
     fresh = gpt_state_dict(engine.model_chunks[0])
     expected = to_hf(hf.arch, fresh, cfg.model, cfg.model.vocab_size)
     check_keys(hf, {k: v.shape for k, v in expected.items()})
     ours = from_hf(hf.arch, hf.state, cfg.model, layout.padded_vocab_size)
     load_gpt_weights(engine.model_chunks[0], to_model_keys(ours, fresh))
     engine.optimizer.reload_model_params()
-    return Loaded(cfg, layout, engine, hf.path, hf)
+    return Loaded(cfg, layout, engine, ctx, hf.path, hf)
 
 
 def load_any(path: str | Path, *, delta: dict | None = None) -> Loaded:
@@ -137,7 +138,3 @@ def load_any(path: str | Path, *, delta: dict | None = None) -> Loaded:
     if is_hf_folder(path):
         return load_hf(path, delta=delta)
     return load_checkpoint(path, delta=delta)
-
-
-def config_dict(loaded: Loaded) -> dict:
-    return to_dict(loaded.cfg)

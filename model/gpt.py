@@ -7,6 +7,7 @@ import torch
 from gptforge.model.config import ModelConfig
 from gptforge.model.init import init_layout_independent
 from gptforge.model.specs import chunk_spec
+from gptforge.model.vocab_mask import mask_padded_vocab
 
 
 def gpt_chunks(model: ModelConfig, tcfg, *, padded_vocab_size: int, pp_rank: int, pp_size: int,
@@ -37,6 +38,8 @@ def gpt_chunks(model: ModelConfig, tcfg, *, padded_vocab_size: int, pp_rank: int
             vp_stage=vp_stage if vpp_size else None,
             pg_collection=pg_collection,
         ))
+        if last:
+            mask_padded_vocab(chunks[-1].output_layer, model.vocab_size, padded_vocab_size)
     return chunks
 
 
