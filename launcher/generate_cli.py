@@ -63,8 +63,8 @@ def sampling_of(args):
 class Streamer:
     """Prints one prompt's completion as tokens come (whole characters only)."""
 
-    def __init__(self, tok, stream=sys.stdout):
-        self.tok, self.stream, self.ids, self.shown = tok, stream, [], 0
+    def __init__(self, tok, stream=None):
+        self.tok, self.stream, self.ids, self.shown = tok, stream or sys.stdout, [], 0
 
     def __call__(self, row: int, token: int) -> None:
         self.ids.append(token)
@@ -74,6 +74,11 @@ class Streamer:
         self.stream.write(text[self.shown:])
         self.stream.flush()
         self.shown = len(text)
+
+    def finish(self) -> None:
+        """What is still held back (bytes that never became a character), then a newline."""
+        self.stream.write(self.tok.decode(self.ids)[self.shown:] + "\n")
+        self.stream.flush()
 
 
 def _tokenizer(loaded, override: str | None):
@@ -98,6 +103,7 @@ def generate_texts(loaded, tok, prompts: list[str], args) -> list[dict]:
     ids = [tok.encode(p) for p in prompts]
     stream = len(prompts) == 1 and not args.quiet
     results = []
+    streamer = Streamer(tok) if stream else None
     for start in range(0, len(prompts), args.batch_size):
         batch = ids[start:start + args.batch_size]
         if stream:
@@ -106,15 +112,15 @@ def generate_texts(loaded, tok, prompts: list[str], args) -> list[dict]:
                              vocab_size=loaded.cfg.model.vocab_size,
                              context=loaded.cfg.model.seq_length, sampling=sampling_of(args),
                              seed=args.seed, eod_id=tok.eos_id(), kv_cache=not args.no_kv_cache,
-                             on_token=Streamer(tok) if stream else None)
+                             on_token=streamer)
         for k, generated in enumerate(out):
             prompt = prompts[start + k]
             results.append({"prompt": prompt, "completion": tok.decode(generated),
                             "token_ids": generated})
             if not stream and not args.quiet:
                 print(f"=== prompt {start + k}\n{prompt}{results[-1]['completion']}", flush=True)
-    if stream:
-        print(flush=True)
+    if streamer is not None:
+        streamer.finish()
     return results
 
 

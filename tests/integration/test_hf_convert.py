@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,33 +28,6 @@ from tests.conftest import ROOT, TINY
 
 TOL = 1e-5
 WORKER = ROOT / "tests" / "distributed" / "hf_logits_worker.py"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return hf_models.corpus(tmp_path_factory.mktemp("corpus") / "text")
-
-
-@pytest.fixture(scope="module")
-def sp_model(corpus) -> Path:
-    return hf_models.sentencepiece(corpus, corpus.parent / "sp")
-
-
-@pytest.fixture(scope="module")
-def folders(corpus, sp_model, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf")
-    return {"gpt2": hf_models.gpt2_folder(root / "gpt2", corpus),
-            "llama": hf_models.llama_folder(root / "llama", sp_model, groups=2),
-            "llama_tied_bias": hf_models.llama_folder(root / "llama_tb", sp_model, groups=4,
-                                                      tied=True, bias=True)}
-
-
-@pytest.fixture(scope="module")
-def converted(folders, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ours")
-    for name, folder in folders.items():
-        assert main(["convert", "from-hf", "--hf", str(folder), "--out", str(root / name)]) == 0
-    return {name: root / name for name in folders}
 
 
 def _tokens(vocab_size: int, batch: int = 2, seq: int = hf_models.SEQ) -> torch.Tensor:
