@@ -8,20 +8,21 @@ Files in ``<run.dir>/mlflow/``:
     outbox.jsonl   every operation (params, tags, metrics, artifacts, status), numbered
     sent           the number of the last operation the server acknowledged
 
-The trainer appends an operation to the outbox and returns (microseconds); the sender thread
-ships them in order, in LogBatch-sized groups. If the server is unreachable or dies, operations
-wait in the outbox and the sender retries with backoff (each attempt bounded by
-``MLFLOW_HTTP_REQUEST_TIMEOUT`` and no HTTP retries: it is the sender's thread that waits,
-never the step). A resumed or requeued run replays what was left and continues the SAME MLflow
-run (its id is in state.json; a run created but not yet recorded is found again by its
-``gptforge.run_uid`` tag, so a retry never leaves a ghost run). ``gptforge mlflow sync
+The trainer appends an operation to the outbox and returns (microseconds); a sender process
+(a child of the logging rank: its mlflow import and HTTP waits never hold the training
+process's interpreter lock) ships them in order, in LogBatch-sized groups. If the server is
+unreachable or dies, operations wait in the outbox and the sender retries with backoff (each
+attempt bounded by ``MLFLOW_HTTP_REQUEST_TIMEOUT`` and no HTTP retries: it is the sender that
+waits, never the step). A resumed or requeued run replays what was left and continues the
+SAME MLflow run (its id is in state.json; a run created but not yet recorded is found again by
+its ``gptforge.run_uid`` tag, so a retry never leaves a ghost run). ``gptforge mlflow sync
 <run.dir>`` replays by hand.
 
 Default tracking URI: ``sqlite:///<parent of run.dir>/mlflow.db``, artifacts in
 ``<parent of run.dir>/mlartifacts`` (next to the runs, never the current directory).
 
-This module and ``launcher/metrics.py`` are the only importers of mlflow; it is imported in
-the sender thread of the logging rank only.
+This module is the only importer of mlflow; only the logging rank's sender process imports it
+(and ``gptforge mlflow sync``, ``gptforge launch slurm`` preparing the embedded store).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import threading
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -61,7 +62,11 @@ def _bound_http() -> None:
 
 
 def _client(uri: str):
+    import logging
+
     _bound_http()
+    for name in ("mlflow", "alembic"):  # table creation and migrations talk at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
 
     if uri.startswith("sqlite:///"):
@@ -232,10 +237,16 @@ class Sender:
 
 
 class MlflowTracker:
-    """The logging rank's side: ``put`` appends to the outbox and wakes the sender thread."""
+    """The logging rank's side: ``put`` appends an operation to the outbox (no network, no
+    mlflow import); a child process (``python -m gptforge.launcher.mlflow_tracking RUN_DIR``)
+    follows the outbox and sends. Being a process, its imports and HTTP waits never take the
+    training process's interpreter lock."""
 
     def __init__(self, run_dir: str | Path, logging_cfg, run_name: str, *, fresh: bool,
                  stream=None):
+        import subprocess
+        import sys
+
         self.run_dir = Path(run_dir)
         self._stream = stream
         if fresh:
@@ -253,28 +264,16 @@ class MlflowTracker:
         self.uri = uri
         self._path = _dir(self.run_dir) / "outbox.jsonl"
         sent = _read_sent(self.run_dir)
-        self._pending = [op for op in read_outbox(self.run_dir) if op["seq"] > sent]
-        self._seq = max([sent, *(op["seq"] for op in self._pending)])
-        self._sent = sent
+        self._seq = max([sent, *(op["seq"] for op in read_outbox(self.run_dir))])
         self._file = self._path.open("a", buffering=1)
-        self._cond = threading.Condition()
-        self._closing = False
-        self._failing = False  # the last attempt failed (server unreachable, ...)
-        self._attempts_after_close = 0
-        self._error = ""
-        self.sender = Sender(self.run_dir, state)
-        self._thread = threading.Thread(target=self._loop, name="gptforge-mlflow", daemon=True)
-        self._thread.start()
-
-    # -- trainer side (never blocks on the network)
+        self._sender = subprocess.Popen(
+            [sys.executable, "-m", "gptforge.launcher.mlflow_tracking", str(self.run_dir)],
+            stdin=subprocess.PIPE, stdout=stream if _has_fileno(stream) else None,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
     def put(self, op: dict) -> None:
-        with self._cond:
-            self._seq += 1
-            op = {"seq": self._seq, "time": time.time(), **op}
-            self._file.write(json.dumps(op) + "\n")
-            self._pending.append(op)
-            self._cond.notify()
+        self._seq += 1
+        self._file.write(json.dumps({"seq": self._seq, "time": time.time(), **op}) + "\n")
 
     def log_metrics(self, step: int, values: dict, when: float | None = None) -> None:
         op = {"op": "metrics", "step": step, "values": values}
@@ -282,75 +281,109 @@ class MlflowTracker:
             op["time"] = when
         self.put(op)
 
-    # -- the sender thread
-
-    def _loop(self) -> None:
-        backoff = 0.5
-        while True:
-            with self._cond:
-                while not self._pending and not self._closing:
-                    self._cond.wait()
-                if not self._pending:
-                    return
-                batch = list(self._pending[:BATCH_METRICS])
-            try:
-                n = self.sender.send(batch)
-            except Exception as err:  # noqa: BLE001 (unreachable, refused, 5xx: retry later)
-                with self._cond:
-                    if not self._failing:
-                        self._say(f"MLflow at {self.uri} is unreachable ({_short(err)}); "
-                                  f"training goes on, records wait in {self._path}")
-                    self._failing = True
-                    self._error = _short(err)
-                    if self._closing:
-                        self._attempts_after_close += 1
-                        self._cond.notify_all()
-                        return
-                    self._cond.wait(timeout=backoff * (0.5 + random.random()))
-                backoff = min(MAX_BACKOFF_S, backoff * 2)
-                continue
-            with self._cond:
-                if self._failing:
-                    self._say(f"MLflow at {self.uri} is back; sending the "
-                              f"{len(self._pending)} waiting records")
-                self._failing = False
-                backoff = 0.5
-                self._sent = batch[n - 1]["seq"]
-                del self._pending[:n]
-                _write_atomic(_dir(self.run_dir) / "sent", str(self._sent))
-                self._cond.notify_all()
-
-    def _say(self, text: str) -> None:
-        import sys
-
-        print(f"[gptforge] {text}", file=self._stream or sys.stderr, flush=True)
-
     def close(self, timeout_s: float) -> int:
-        """Send what is left: wait while the sender makes progress (at most ``timeout_s``);
-        a server that is down gets one more attempt. Returns the records left unsent."""
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-            while self._pending and self._thread.is_alive():
-                left = deadline - time.monotonic()
-                if left <= 0 or (self._failing and self._attempts_after_close):
-                    break
-                self._cond.wait(timeout=min(left, 0.5))
-                if self._failing and not self._attempts_after_close:
-                    self._cond.notify_all()  # wake a sender sleeping in backoff
-            left_over = len(self._pending)
-        self._thread.join(timeout=max(0.0, min(2.0, deadline - time.monotonic())))
+        """Tell the sender that nothing more comes; wait while it sends (at most
+        ``timeout_s``; a dead server gets one more attempt). Returns the records left unsent."""
+        import subprocess
+
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        try:
+            self._sender.stdin.close()  # end of input: send what is left, then exit
+        except OSError:
+            pass
+        try:
+            self._sender.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self._sender.kill()
+            self._sender.wait()
+        left_over = sum(1 for op in read_outbox(self.run_dir)
+                        if op["seq"] > _read_sent(self.run_dir))
         self.state = {**read_state(self.run_dir), "unsent": left_over}
         write_state(self.run_dir, self.state)
         if left_over:
-            self._say(f"MLflow: {left_over} records not sent ({self._error or 'timed out'}); "
-                      f"they are kept in {self._path}: `gptforge mlflow sync {self.run_dir}` "
-                      f"sends them (a resumed run does too)")
+            print(f"[gptforge] MLflow: {left_over} records not sent to {self.uri}; they are "
+                  f"kept in {self._path}: `gptforge mlflow sync {self.run_dir}` sends them "
+                  f"(a resumed run does too)", file=self._stream or sys.stderr, flush=True)
         return left_over
+
+
+def _has_fileno(stream) -> bool:
+    try:
+        stream.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def follow(run_dir: Path) -> int:
+    """The sender process: follow the outbox, send in order, retry with backoff while the
+    server is away; after end of stdin, send the rest (a dead server: one more attempt)."""
+    import select
+    import signal
+
+    # stop signals are for the ranks (scancel --full signals every process of the step):
+    # this process ends when the rank closes its stdin, or dies
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+    def say(text: str) -> None:
+        print(f"[gptforge] {text}", file=sys.stderr, flush=True)
+
+    state = read_state(run_dir)
+    sender = Sender(run_dir, state)
+    sent = _read_sent(run_dir)
+    path = _dir(run_dir) / "outbox.jsonl"
+    pending: list[dict] = []
+    offset = 0
+    closing = False
+    failing = False
+    backoff = 0.5
+    wait = 0.0
+    while True:
+        # wake on end of stdin (closing) or after ``wait`` seconds
+        if not closing:
+            ready, _, _ = select.select([sys.stdin], [], [], wait)
+            if ready and not sys.stdin.buffer.read1(4096):
+                closing = True
+        if path.is_file():
+            with path.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            complete = chunk[:chunk.rfind(b"\n") + 1]
+            offset += len(complete)
+            for line in complete.splitlines():
+                try:
+                    op = json.loads(line)
+                except ValueError:
+                    continue
+                if op["seq"] > sent:
+                    pending.append(op)
+        if not pending:
+            if closing:
+                return 0
+            wait = 0.2
+            continue
+        try:
+            n = sender.send(pending[:BATCH_METRICS])
+        except Exception as err:  # noqa: BLE001 (unreachable, refused, 5xx: retry later)
+            if not failing:
+                say(f"MLflow at {state['tracking_uri']} is unreachable ({_short(err)}); "
+                    f"training goes on, records wait in {path}")
+            failing = True
+            if closing:
+                return 1
+            wait = backoff * (0.5 + random.random())
+            backoff = min(MAX_BACKOFF_S, backoff * 2)
+            continue
+        if failing:
+            say(f"MLflow at {state['tracking_uri']} is back; sending the {len(pending)} "
+                f"waiting records")
+        failing, backoff, wait = False, 0.5, 0.0
+        sent = pending[n - 1]["seq"]
+        del pending[:n]
+        _write_atomic(_dir(run_dir) / "sent", str(sent))
 
 
 def _short(err: BaseException) -> str:
@@ -377,3 +410,7 @@ def sync(run_dir: str | Path, stream=None) -> tuple[int, int]:
         del pending[:n]
     write_state(run_dir, {**read_state(run_dir), "unsent": 0})
     return done, len(pending)
+
+
+if __name__ == "__main__":
+    sys.exit(follow(Path(sys.argv[1])))
