@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-PARTS = ("launcher", "model", "data", "parallel")
+PARTS = ("launcher", "model", "data", "parallel", "slurm")
 
 
 def _imports(path) -> set[str]:
@@ -29,6 +29,7 @@ def _files(part):
     ("model", ("gptforge.launcher", "gptforge.parallel", "gptforge.data")),
     ("parallel", ("gptforge.launcher", "gptforge.data")),
     ("data", ("gptforge.launcher", "gptforge.parallel", "gptforge.model")),
+    ("slurm", ("gptforge.launcher", "gptforge.model", "gptforge.data")),
 ])
 def test_imports_go_one_way(part, forbidden):
     for path in _files(part):
@@ -39,7 +40,8 @@ def test_imports_go_one_way(part, forbidden):
 @pytest.mark.parametrize("module, allowed", [
     ("megatron.core.parallel_state", ("parallel/",)),
     ("deepspeed", ("parallel/",)),
-    ("mlflow", ("launcher/metrics.py",)),
+    ("mlflow", ("launcher/mlflow_tracking.py",)),
+    ("matplotlib", ("launcher/report.py",)),
     ("webdataset", ("data/",)),
     ("sentencepiece", ("data/",)),
     ("transformers", ("data/hf_tokenizer.py", "model/hf_", "launcher/")),
