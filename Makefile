@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONWARNINGS := ignore::UserWarning
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean slurm-up slurm-down
 
 install: $(STAMP)
 
@@ -25,6 +25,13 @@ demo: install
 
 bench: install
 	$(PY) bench/bench_train.py
+
+# A two-node Slurm on this host (root; installs slurm and munge if absent): try jobs locally.
+slurm-up:
+	bash slurm/local_cluster.sh up
+
+slurm-down:
+	bash slurm/local_cluster.sh down
 
 clean:
 	rm -rf runs build *.egg-info

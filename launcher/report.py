@@ -56,7 +56,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path | N
     for ax in (ax_loss, ax_lr, ax_tp):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.suptitle(str(run_dir.resolve().name))
+    where = run_dir.resolve()
+    fig.suptitle(f"{where.parent.name}/{where.name}")
     fig.tight_layout()
     path = Path(out) if out else run_dir / REPORT
     fig.savefig(path)

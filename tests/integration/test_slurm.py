@@ -86,6 +86,10 @@ def test_preemption_checkpoints_requeues_and_resumes_into_one_mlflow_run(
     stopped = [r for r in metrics(run_dir) if r.get("event") == "stopped"]
     assert len(stopped) == 1 and stopped[0]["signal"] == "SIGUSR1"
     assert stopped[0]["step"] < STEPS, "the signal came too late to test a resume"
+    uri = f"sqlite:///{run_dir.parent / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    (between,) = client.search_runs([client.get_experiment_by_name("gptforge").experiment_id])
+    assert between.info.status == "KILLED"  # stopped by a signal, to be continued
     record = wait_job(job, release=True)[""]
     assert record["JobState"] == "COMPLETED", job_output(run_dir)
     out = job_output(run_dir)
@@ -96,11 +100,10 @@ def test_preemption_checkpoints_requeues_and_resumes_into_one_mlflow_run(
     assert_close_losses(train_losses(run_dir), train_losses(reference), rel=1e-6)
     assert val_losses(run_dir) == pytest.approx(val_losses(reference), rel=1e-6)
     # one MLflow run (embedded sqlite next to the runs), continued by the requeued job
-    uri = f"sqlite:///{run_dir.parent / 'mlflow.db'}"
-    client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("gptforge").experiment_id])
     assert len(runs) == 1
     run = runs[0]
+    assert run.info.run_id == between.info.run_id
     assert (run.info.run_name, run.info.status) == ("preempted", "FINISHED")
     assert run.data.tags["slurm.job_id"] == job and run.data.tags["slurm.restart_count"] == "1"
     assert run.data.tags["host_count"] == "2"
