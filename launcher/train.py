@@ -283,6 +283,22 @@ def _artifacts(cfg: Config) -> list[tuple[Path, str | None]]:
     return out
 
 
+STOPPED_MARK = "stopped.json"  # this attempt stopped on a signal with a checkpoint: restart me
+
+
+def _mark_stopped(cfg: Config, result: RunResult) -> None:
+    """For a job script whose launcher (torchrun, deepspeed) does not pass on exit code 75."""
+    import json
+    import os
+    import time
+
+    path = Path(cfg.run.dir) / STOPPED_MARK
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"step": result.last_step, "signal": result.stopped_by,
+                               "time": time.time()}) + "\n")
+    os.replace(tmp, path)
+
+
 def run(cfg: Config) -> RunResult:
     """Train on this rank: resume if there is a checkpoint, save at the configured steps, stop
     at one step on every rank (and checkpoint) after SIGTERM/SIGINT/SIGUSR1. The MLflow run
@@ -301,6 +317,7 @@ def run(cfg: Config) -> RunResult:
     start = find_start(cfg)
     if rank == 0:
         _start_run_dir(cfg, start)
+        (Path(cfg.run.dir) / STOPPED_MARK).unlink(missing_ok=True)
     notes = check_data(cfg)
     stop = stop_request(announce=rank == 0).install()
     ctx = init_parallel(cfg.parallel)
@@ -329,6 +346,8 @@ def run(cfg: Config) -> RunResult:
                            stopped_by=stop.signal_name if loop.stopped_early else "")
         _finish(cfg, result, ckpt, sink, ctx, engine)
         sink.close("KILLED" if result.stopped_by else "FINISHED", artifacts=_artifacts(cfg))
+        if ctx.rank == 0 and result.stopped_by and result.checkpointed:
+            _mark_stopped(cfg, result)
         barrier(ctx)  # every rank leaves together (srun ends a step at its first exit)
         return result
     except BaseException as exc:

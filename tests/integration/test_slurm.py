@@ -72,13 +72,7 @@ def test_preemption_checkpoints_requeues_and_resumes_into_one_mlflow_run(
 
     run_dir = tmp_path / "runs" / "preempted"
     job = submit(run_dir, "--nodes", "2", "--logging.mlflow=true")
-    metrics_file = run_dir / "metrics.jsonl"
-    for _ in range(600):
-        if metrics_file.is_file() and '"step": 3,' in metrics_file.read_text():
-            break
-        wait_job_state = scontrol_job(job)[""]["JobState"]
-        assert wait_job_state in ("PENDING", "RUNNING", "CONFIGURING"), job_output(run_dir)
-        subprocess.run(["sleep", "0.2"])
+    wait_for_step(run_dir, job, 3)
     # preemption as a user or an admin sends it: the batch shell, srun and the ranks all get it
     subprocess.run(["scancel", "--signal=USR1", "--full", job], check=True, timeout=60)
     record = wait_job(job, done=("PENDING",), timeout=120)[""]
@@ -115,6 +109,35 @@ def test_preemption_checkpoints_requeues_and_resumes_into_one_mlflow_run(
     assert (status["state"], status["requeues"], status["restarts_logged"]) == \
         ("COMPLETED", "1", 1)
     assert status["mlflow_run_id"] == run.info.run_id and status["last_step"] == STEPS
+
+
+def wait_for_step(run_dir: Path, job: str, step: int) -> None:
+    metrics_file = run_dir / "metrics.jsonl"
+    for _ in range(600):
+        if metrics_file.is_file() and f'"step": {step},' in metrics_file.read_text():
+            return
+        state = scontrol_job(job)[""]["JobState"]
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), job_output(run_dir)
+        subprocess.run(["sleep", "0.2"])
+    raise AssertionError(f"step {step} never logged: {job_output(run_dir)}")
+
+
+def test_torchrun_per_node_preempted_through_the_batch_shell(slurm_cluster, reference,
+                                                             tmp_path):
+    """--launcher torchrun: the warning goes to the batch shell (B:USR1), which passes it to
+    srun → torchrun → the ranks; torchrun does not exit 75, the run dir's stopped.json says
+    the ranks checkpointed."""
+    run_dir = tmp_path / "torchrun"
+    job = submit(run_dir, "--nodes", "2", "--launcher", "torchrun")
+    assert "#SBATCH --signal=B:USR1@300" in (run_dir / "job.sbatch").read_text()
+    wait_for_step(run_dir, job, 3)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=60)
+    record = wait_job(job, release=True)[""]
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", job_output(run_dir)
+    assert "checkpointed: requeueing job" in job_output(run_dir)
+    assert len([r for r in metrics(run_dir) if r.get("event") == "restart"]) == 1
+    assert not (run_dir / "stopped.json").exists()  # removed by the restart
+    assert_close_losses(train_losses(run_dir), train_losses(reference), rel=1e-6)
 
 
 def test_sweep_is_one_array_job_with_a_run_dir_per_point(slurm_cluster, tmp_path):
