@@ -29,7 +29,7 @@ from gptforge.parallel.config import ConfigError
 
 TEMPLATE = Path(__file__).with_name("job.sbatch.tmpl")
 LAUNCHERS = ("srun", "torchrun", "deepspeed")
-SIGNALS = ("USR1", "USR2", "TERM", "INT")
+SIGNALS = ("USR1", "TERM", "INT")  # the stop signals the ranks handle (launcher/signals.py)
 SCRIPT = "job.sbatch"
 JOB_CONFIG = "job_config.yaml"
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
@@ -216,6 +216,7 @@ def _launch_line(spec: JobSpec) -> tuple[str, str, str]:
         fwd = f'; kill -{spec.signal} "$CHILD" 2>/dev/null'
         return cmd, fwd, '; kill -TERM "$CHILD" 2>/dev/null'
     gptforge = str(Path(spec.python).parent / "gptforge")
+    # (its hostfile is written from this attempt's allocation: see pre_launch in render)
     cmd = (f'{_q(gptforge)} launch deepspeed --num-gpus={spec.ranks_per_node} '
            f'--hostfile="$RUN_DIR/hostfile" --master-addr="$MASTER_ADDR" '
            f'--master-port="$MASTER_PORT" --config "$CONFIG"')
@@ -225,8 +226,6 @@ def _launch_line(spec: JobSpec) -> tuple[str, str, str]:
 def render(spec: JobSpec, what: str = "") -> str:
     check(spec)
     launch, fwd_usr1, fwd_term = _launch_line(spec)
-    if spec.signal != "USR1":  # trap the configured signal instead
-        pass
     array_block = ""
     if spec.array_size:
         array_block = ('RUN_DIR="$RUN_DIR/point-$SLURM_ARRAY_TASK_ID"  # this sweep point\n'
@@ -238,9 +237,9 @@ def render(spec: JobSpec, what: str = "") -> str:
         python_q=_q(spec.python), max_requeues=int(spec.max_requeues),
         array_block=array_block,
         env_exports="\n".join(f"export {k}={_q(v)}" for k, v in spec.env),
-        forward_usr1=fwd_usr1, forward_term=fwd_term, launch=launch)
-    if spec.signal != "USR1":
-        text = text.replace("' USR1\n", f"' {spec.signal}\n", 1)
+        forward_usr1=fwd_usr1, forward_term=fwd_term, launch=launch, signal=spec.signal,
+        pre_launch='rm -f "$RUN_DIR/hostfile"  # written from this allocation by the launcher\n'
+        if spec.launcher == "deepspeed" else "")
     return text
 
 

@@ -55,17 +55,18 @@ def test_launcher_modes_signal_the_batch_shell_and_forward():
     assert 'kill -USR1 "$CHILD"' in text
     ds = render(spec(launcher="deepspeed"))
     assert "launch deepspeed --num-gpus=8 --hostfile=\"$RUN_DIR/hostfile\"" in ds
+    assert ds.index('rm -f "$RUN_DIR/hostfile"') < ds.index("launch deepspeed")
     subprocess.run(["bash", "-n"], input=ds, text=True, check=True)
 
 
 def test_optional_directives_and_arrays():
     d = directives(render(spec(account="acct", qos="high", constraint="h100&ib",
                                exclusive=True, mail_user="a@b.c", cpus_per_task=12,
-                               array_size=4, array_parallel=2, signal="USR2",
+                               array_size=4, array_parallel=2, signal="TERM",
                                signal_seconds=120, job_name="nm")))
     for want in ("--account=acct", "--qos=high", "--constraint='h100&ib'", "--exclusive",
                  "--mail-user=a@b.c", "--cpus-per-task=12", "--array=0-3%2",
-                 "--signal=USR2@120", "--output=/runs/r/point-%a/slurm-%A_%a.out",
+                 "--signal=TERM@120", "--output=/runs/r/point-%a/slurm-%A_%a.out",
                  "--job-name=nm"):
         assert f"#SBATCH {want}" in d, (want, d)
 
@@ -94,6 +95,7 @@ def test_every_user_value_is_quoted_data():
     (dict(time="00:04:00"), "--signal-seconds"),  # the warning would come before the start
     (dict(partition=""), "--partition"),
     (dict(launcher="mpirun"), "--launcher"),
+    (dict(signal="USR2"), "--signal"),  # the ranks would die of it
     (dict(job_name="a\nb"), "--job-name"),
     (dict(run_dir=Path("/runs/a\nb")), "run.dir"),
     (dict(max_requeues=-1), "--max-requeues"),
