@@ -180,21 +180,45 @@ def test_a_dead_server_costs_the_step_nothing_and_the_records_wait(tmp_path):
     assert read_state(tmp_path / "run")["unsent"] == len(ops)
 
 
-def test_sender_ignores_stop_signals_and_ends_with_its_rank(tmp_path):
-    """scancel --full signals every process of the step: the sender must not die of SIGUSR1
-    before the rank has handed it the last records."""
+def test_records_wait_for_the_store_and_a_resumed_run_replays_them(tmp_path):
+    """The store is unreachable (its directory is blocked by a file): the records wait in the
+    outbox; a resumed run's sender replays them first, into the same MLflow run, and keeps
+    sending when the store comes back mid-run. The sender ignores stop signals (scancel --full
+    signals every process of the step) and ends when its rank closes."""
     from gptforge.launcher.metrics import LoggingConfig, MetricsSink
+    from gptforge.launcher.mlflow_tracking import read_outbox, read_state
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sink = MetricsSink(tmp_path / "run", LoggingConfig(mlflow=True, mlflow_tracking_uri=uri),
-                       stream=io.StringIO(), fresh=True)
-    sender = sink._mlflow._sender
+    blocker = tmp_path / "store"
+    blocker.write_text("not a directory")
+    uri = f"sqlite:///{blocker / 'mlflow.db'}"
+    cfg = LoggingConfig(mlflow=True, mlflow_tracking_uri=uri, mlflow_close_timeout_s=60)
+    run_dir = tmp_path / "run"
+
+    def sink(fresh):
+        return MetricsSink(run_dir, cfg, stream=io.StringIO(), fresh=fresh, run_name="replay")
+
+    first = sink(True)
+    first.log_params({"a.b": 1})
+    for step in range(1, 6):
+        first.log({"step": step, "loss": float(step)})
+    first.close("KILLED", report=False)
+    left = read_state(run_dir)["unsent"]
+    assert left == len(read_outbox(run_dir)) == 8  # status, params, 5 steps, status
+    # the resumed run: its sender starts while the store is still blocked
+    second = sink(False)
+    sender = second._mlflow._sender
     time.sleep(1.0)
     sender.send_signal(signal.SIGUSR1)
     sender.send_signal(signal.SIGTERM)
-    for step in range(1, 4):
-        sink.log({"step": step, "loss": float(step)})
-    sink.close("KILLED", report=False)
-    assert sender.returncode == 0
+    second.log({"step": 6, "loss": 6.0})
+    blocker.unlink()  # the store comes back mid-run
+    sent = run_dir / "mlflow" / "sent"
+    wait_for(lambda: sent.is_file() and int(sent.read_text()) >= 10, timeout=90,
+             what="the sender to replay while the run goes on")
+    second.log({"step": 7, "loss": 7.0})
+    second.close("FINISHED", report=False)
+    assert sender.returncode == 0 and read_state(run_dir)["unsent"] == 0
     c, run = the_run(uri)
-    assert run.info.status == "KILLED" and sorted(history(c, run)) == [1, 2, 3]
+    assert (run.info.run_name, run.info.status) == ("replay", "FINISHED")
+    assert history(c, run) == {s: float(s) for s in range(1, 8)}
+    assert run.data.params == {"a.b": "1"}
