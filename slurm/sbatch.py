@@ -14,7 +14,8 @@ Launchers (``--launcher``):
   ``--signals-to-handle``); the warning signal goes to the batch shell (``B:``), which passes it
   to srun.
 - ``deepspeed``: ``gptforge launch deepspeed`` in the batch shell; its hostfile is written from
-  the allocation (``scontrol show hostnames``).
+  the allocation (``scontrol show hostnames``). No checkpoint on preemption there (DeepSpeed's
+  launcher passes no USR1 on); ``--engine deepspeed`` with the srun launcher has it.
 """
 
 from __future__ import annotations
@@ -220,7 +221,9 @@ def _launch_line(spec: JobSpec) -> tuple[str, str, str]:
     cmd = (f'{_q(gptforge)} launch deepspeed --num-gpus={spec.ranks_per_node} '
            f'--hostfile="$RUN_DIR/hostfile" --master-addr="$MASTER_ADDR" '
            f'--master-port="$MASTER_PORT" --config "$CONFIG"')
-    return cmd, '; kill -INT "$CHILD" 2>/dev/null', '; kill -TERM "$CHILD" 2>/dev/null'
+    # DeepSpeed's launcher passes no USR1 on and reaches other nodes over ssh: the signal is
+    # only noted here (preemptible DeepSpeed jobs: --launcher srun with parallel.engine=deepspeed)
+    return cmd, '; echo "[gptforge] (not passed on to the DeepSpeed launcher)"', ""
 
 
 def render(spec: JobSpec, what: str = "") -> str:
