@@ -204,7 +204,9 @@ def _launch_line(spec: JobSpec) -> tuple[str, str, str]:
     # --kill-on-bad-exit: ranks that checkpointed leave with 75 and must not cut others short
     srun = "srun --unbuffered --wait=60"
     if spec.launcher == "srun":
-        return (f'{srun} --ntasks-per-node={spec.tasks_per_node} "$PYTHON" -m '
+        # each task execs the rank with LOCAL_RANK = its SLURM_LOCALID (DeepSpeed asks for it)
+        return (f'{srun} --ntasks-per-node={spec.tasks_per_node} bash -c '
+                f'\'LOCAL_RANK="$SLURM_LOCALID" exec "$@"\' rank "$PYTHON" -m '
                 f'gptforge.launcher.train --config "$CONFIG"', "", "")
     if spec.launcher == "torchrun":
         sig = f"SIG{spec.signal}"

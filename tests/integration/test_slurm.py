@@ -140,6 +140,16 @@ def test_torchrun_per_node_preempted_through_the_batch_shell(slurm_cluster, refe
     assert_close_losses(train_losses(run_dir), train_losses(reference), rel=1e-6)
 
 
+def test_deepspeed_engine_ranks_are_srun_tasks(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "ds"
+    job = submit(run_dir, "--nodes", "2", "--engine", "deepspeed", "--train.train_iters=4",
+                 "--train.eval_interval=0")
+    record = wait_job(job)[""]
+    assert record["JobState"] == "COMPLETED", job_output(run_dir)
+    assert "(deepspeed engine)" in job_output(run_dir)
+    assert len(train_losses(run_dir)) == 4
+
+
 def test_sweep_is_one_array_job_with_a_run_dir_per_point(slurm_cluster, tmp_path):
     root = tmp_path / "sweep"
     job = submit(root, "--nodes", "1", "--sweep", "train.seed=1,2",

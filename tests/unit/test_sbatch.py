@@ -31,7 +31,8 @@ def test_srun_mode_one_task_per_gpu_and_the_preemption_settings():
                  "--output=/runs/r/slurm-%j.out", "--error=/runs/r/slurm-%j.err",
                  "--job-name=r"):
         assert f"#SBATCH {want}" in d, (want, d)
-    assert 'srun --unbuffered --wait=60 --ntasks-per-node=8 "$PYTHON" -m ' \
+    assert 'srun --unbuffered --wait=60 --ntasks-per-node=8 bash -c ' \
+           '\'LOCAL_RANK="$SLURM_LOCALID" exec "$@"\' rank "$PYTHON" -m ' \
            'gptforge.launcher.train --config "$CONFIG"' in text
     assert "CONFIG=/runs/r/job_config.yaml" in text
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in text
