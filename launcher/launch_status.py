@@ -24,6 +24,9 @@ def scontrol_job(job: str) -> dict[str, str]:
         return {"JobState": f"unknown (scontrol: {err})"}
     if proc.returncode != 0:
         why = (proc.stderr.strip().splitlines() or ["no answer"])[-1]
+        if "Invalid job id" in why:
+            why = ("Slurm no longer lists it: finished jobs are forgotten after MinJobAge; "
+                   "sacct has them where accounting is on")
         return {"JobState": f"unknown ({why})"}
     records = {}
     for line in proc.stdout.splitlines():
@@ -121,7 +124,7 @@ def _lines(s: dict, indent: str = "") -> list[str]:
         mlflow += f" ({s['mlflow_unsent']} records not yet sent: gptforge mlflow sync)"
     return [f"{indent}state       {s.get('state') or '-'}"
             + (f" ({s['reason']})" if s.get("reason") not in (None, "None") else ""),
-            f"{indent}requeues    {s.get('requeues') or '0'} (restarts in metrics.jsonl: "
+            f"{indent}requeues    {s.get('requeues') or '-'} (restarts in metrics.jsonl: "
             f"{s['restarts_logged']})",
             f"{indent}last step   {s['last_step'] if s['last_step'] is not None else '-'}"
             f"  loss {loss}",
