@@ -118,7 +118,7 @@ class _Forward:
         return logits[:, -1, :].float()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_batch(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
                    vocab_size: int, context: int, sampling: Sampling = Sampling(),
                    seed: int = 0, eod_id: int | None = None, kv_cache: bool = True,

@@ -118,15 +118,16 @@ def test_converted_checkpoint_records_the_model_and_tokenizer(folders, converted
 
 
 def test_export_of_a_model_trained_here(sp_model, corpus, tmp_path):
-    """Trained at TP=2 (GPT-2 shape, gelu_tanh, sentencepiece), exported, loaded by transformers
-    with our logits and our token ids."""
+    """Trained at PP=2 (GPT-2 shape, gelu_tanh, sentencepiece), exported, loaded by transformers
+    with our logits and our token ids; greedy generation from the checkpoint (loaded at TP=1,
+    PP=1) gives transformers' tokens on the export."""
     from transformers import AutoTokenizer
 
     from gptforge.data import tokenizer
 
     run = tmp_path / "run"
     args = ["train", "--nproc-per-node", "2", "--config", str(TINY), "--run.dir", str(run),
-            "--parallel.tensor_model_parallel_size=2", "--model.activation=gelu_tanh",
+            "--parallel.pipeline_model_parallel_size=2", "--model.activation=gelu_tanh",
             f"--data.tokenizer_model={sp_model}", "--model.vocab_size=512",
             "--train.train_iters=3", "--train.eval_interval=0"]
     proc = subprocess.run([sys.executable, "-m", "gptforge.launcher.cli", *args],
@@ -144,6 +145,36 @@ def test_export_of_a_model_trained_here(sp_model, corpus, tmp_path):
     text = "import os\n\tx  =  'naïve 日本'  \n"
     assert AutoTokenizer.from_pretrained(str(tmp_path / "hf")).encode(text) == \
         tokenizer.load(sp_model).encode(text)
+    out = tmp_path / "gen.json"
+    assert main(["generate", "--checkpoint", str(run / "checkpoints"), "--prompt", text,
+                 "--max-new-tokens", "12", "--output-json", str(out), "--quiet"]) == 0
+    got = json.loads(out.read_text())[0]["token_ids"]
+    assert got == hf_models.hf_greedy(tmp_path / "hf", tokenizer.load(sp_model).encode(text), 12)
+
+
+def test_hub_style_gpt2_bin_without_prefix_imports_the_same(folders, converted, tmp_path):
+    """A weights-only pytorch_model.bin as old hub files have it: no ``transformer.`` prefix,
+    the attention-mask buffers, the tied lm_head saved too."""
+    import shutil
+
+    folder = tmp_path / "hub"
+    shutil.copytree(folders["gpt2"], folder)
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    hub = {k.removeprefix("transformer."): v for k, v in state.items()}
+    hub["lm_head.weight"] = hub["wte.weight"]
+    for i in range(2):
+        hub[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 128, 128))
+        hub[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(hub, folder / "pytorch_model.bin")
+    assert main(["convert", "from-hf", "--hf", str(folder), "--out", str(tmp_path / "o")]) == 0
+    with one_process():
+        a = load_checkpoint(tmp_path / "o").model.state_dict()
+    with one_process():
+        b = load_checkpoint(converted["gpt2"]).model.state_dict()
+    for key, value in b.items():
+        if not key.endswith("_extra_state"):
+            assert torch.equal(a[key], value), key
 
 
 def test_unsupported_architecture_is_named(tmp_path, capsys):
