@@ -213,9 +213,20 @@ def _worker_map(settings: PrepareSettings, dtype: np.dtype) -> Iterator[Mapper]:
         _init_worker(*args)
         yield map
         return
-    ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
+    ctx = mp.get_context(_start_method(settings.tokenizer))
     with ctx.Pool(settings.workers, initializer=_init_worker, initargs=args) as pool:
         yield lambda fn, items: _without_remote_traceback(pool.imap(fn, items, chunksize=1))
+
+
+def _start_method(tokenizer_path: str) -> str:
+    """fork for sentencepiece (workers inherit the loaded modules). A Hugging Face tokenizer's
+    Rust thread pool and locks do not survive a fork of a process that has used them (workers
+    hang in encode), so its workers start from a clean forkserver process."""
+    from gptforge.data.hf_tokenizer import is_hf_path
+
+    if os.name != "posix":
+        return "spawn"
+    return "forkserver" if is_hf_path(Path(tokenizer_path)) else "fork"
 
 
 def _without_remote_traceback(results: Iterator) -> Iterator:

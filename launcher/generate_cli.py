@@ -97,6 +97,13 @@ def _tokenizer(loaded, override: str | None):
 
 
 def generate_texts(loaded, tok, prompts: list[str], args) -> list[dict]:
+    from gptforge.model.decode_linears import decode_layout
+
+    with decode_layout(loaded.model):  # one set of decoding copies for every batch
+        return _generate_texts(loaded, tok, prompts, args)
+
+
+def _generate_texts(loaded, tok, prompts: list[str], args) -> list[dict]:
     from gptforge.model.generate import generate_batch
 
     model = loaded.model

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gptforge.model.decode_linears import decode_layout
+
 
 @dataclass
 class SampleConfig:
@@ -133,16 +135,26 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], *, max_new_
     tokens = torch.zeros(len(prompts), total, dtype=torch.int64, device=device)
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    forward = _Forward(model, len(prompts), total, kv_cache)
-    out: list[list[int]] = [[] for _ in prompts]
-    done = [max_new_tokens == 0] * len(prompts)
+    with decode_layout(model):
+        return _decode(tokens, lengths, _Forward(model, len(prompts), total, kv_cache),
+                       max_new_tokens=max_new_tokens, vocab_size=vocab_size, sampling=sampling,
+                       gen=torch.Generator(device="cpu").manual_seed(seed), eod_id=eod_id,
+                       on_token=on_token)
+
+
+def _decode(tokens: torch.Tensor, lengths: list[int], forward, *, max_new_tokens: int,
+            vocab_size: int, sampling: Sampling, gen: torch.Generator, eod_id: int | None,
+            on_token) -> list[list[int]]:
+    total = tokens.shape[1]
+    out: list[list[int]] = [[] for _ in lengths]
+    done = [max_new_tokens == 0] * len(lengths)
     pos = min(lengths)
     logits = forward(tokens, 0, pos)
     while not all(done) and pos < total:
-        seen = [tokens[row, :pos].cpu() for row in range(len(prompts))]
+        seen = [tokens[row, :pos].cpu() for row in range(len(lengths))] \
+            if sampling.repetition_penalty != 1.0 else []
         picked = choose(logits[:, :vocab_size].cpu(), seen, sampling, gen)
-        for row in range(len(prompts)):
+        for row in range(len(lengths)):
             if pos < lengths[row] or done[row]:
                 continue  # inside the prompt (its token stays) or finished (ignored)
             token = int(picked[row])
