@@ -24,6 +24,14 @@ VERB_MODULES = ("gptforge.data.cli", "gptforge.launcher.checkpoint_cli",
                 "gptforge.launcher.eval_cli")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts (tokens, iterations, batch sizes): an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _nproc(args: argparse.Namespace) -> int | None:
     from gptforge.launcher.config import ConfigError
 

@@ -82,16 +82,9 @@ def _eval(args) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        import argparse
-
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def register(verbs) -> None:
+    from gptforge.launcher.cli import positive_int
+
     p = verbs.add_parser("eval", help="loss and perplexity of a checkpoint or Hugging Face "
                          "folder on token shards", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, metavar="PATH",
@@ -100,8 +93,8 @@ def register(verbs) -> None:
                    help="shard spec: a directory with index.json, a glob or a brace pattern")
     p.add_argument("--split", choices=("valid", "train"), default="valid",
                    help="the split of an index.json directory (default: valid)")
-    p.add_argument("--eval-iters", type=_positive, metavar="N",
+    p.add_argument("--eval-iters", type=positive_int, metavar="N",
                    help="micro-batches to evaluate (default: one pass over the split)")
-    p.add_argument("--micro-batch-size", type=_positive, default=4, metavar="B")
+    p.add_argument("--micro-batch-size", type=positive_int, default=4, metavar="B")
     p.add_argument("--output-json", metavar="F", help="write the result as JSON")
     p.set_defaults(func=_eval)

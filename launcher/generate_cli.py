@@ -145,14 +145,9 @@ def _generate(args) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def register(verbs) -> None:
+    from gptforge.launcher.cli import positive_int
+
     p = verbs.add_parser("generate", help="generate text from a checkpoint or a Hugging Face "
                          "folder (KV cache)", description=__doc__.split("\n\n")[0],
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,7 +157,7 @@ def register(verbs) -> None:
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", metavar="F",
                    help="prompts, one per line (.jsonl: a \"prompt\" field per line)")
-    p.add_argument("--max-new-tokens", type=_positive, default=64, metavar="N")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="the most likely token (default)")
     mode.add_argument("--temperature", type=float, metavar="T", help="sample at temperature T")
@@ -170,7 +165,7 @@ def register(verbs) -> None:
     p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling")
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed")
-    p.add_argument("--batch-size", type=_positive, default=8, metavar="B",
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="B",
                    help="prompts generated together")
     p.add_argument("--tokenizer", metavar="T", help="tokenizer to use instead of the model's")
     p.add_argument("--output-json", metavar="F", help="write prompts, completions and ids")
