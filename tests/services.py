@@ -22,8 +22,18 @@ BIN = Path(sys.executable).parent
 GPTFORGE = str(BIN / "gptforge")
 
 
+# Set in this process by tests that start process groups in-process: never for a child's run.
+LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+              "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    return {**env, "PYTHONWARNINGS": "ignore", **extra}
+
+
 def gptforge(*args, timeout=300, cwd=ROOT, env=None, check=False):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    env = clean_env(**(env or {}))
     proc = subprocess.run([GPTFORGE, *map(str, args)], capture_output=True, text=True, cwd=cwd,
                           timeout=timeout, env=env)
     if check:

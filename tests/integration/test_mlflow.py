@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY, metrics, train_losses
-from tests.services import GPTFORGE, gptforge, mlflow_server
+from tests.services import GPTFORGE, clean_env, gptforge, mlflow_server
 
 pytestmark = pytest.mark.slow
 __all__ = ["mlflow_server"]
@@ -72,17 +71,23 @@ def test_server_kept_through_an_outage_and_a_resume(mlflow_server, tmp_path):
             "--train.eval_interval=10", "--train.log_interval=1"]
     proc = subprocess.Popen([GPTFORGE, *map(str, args), "--train.train_iters=40"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                            env=clean_env())
     state = run_dir / "mlflow" / "state.json"
-    wait_for(lambda: state.is_file() and "run_id" in state.read_text()
-             and logged_steps(run_dir) >= 3 or proc.poll() is not None, what="the MLflow run")
-    assert proc.poll() is None, "the run ended before the server could be stopped"
+    wait_for(lambda: logged_steps(run_dir) >= 3 or proc.poll() is not None, what="step 3")
+    # hold the trainer (its sender process goes on) until the server has the run: however
+    # loaded this machine, the server dies mid-run
+    proc.send_signal(signal.SIGSTOP)
     killed_at = logged_steps(run_dir)
-    mlflow_server.stop()  # SIGKILL: the server dies mid-run
+    try:
+        assert killed_at < 40, "the run ended before the server could be stopped"
+        wait_for(lambda: state.is_file() and "run_id" in state.read_text(), what="the run id")
+        mlflow_server.stop()  # SIGKILL: the server dies mid-run
+    finally:
+        proc.send_signal(signal.SIGCONT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     records = [r for r in metrics(run_dir) if "loss" in r]
-    assert len(records) == 40 and killed_at < 40
+    assert len(records) == 40
     # (that a log call never waits for the server: test_a_dead_server_costs_the_step_nothing)
     assert "is unreachable" in out and "records not sent" in out
     unsent = json.loads(state.read_text())["unsent"]

@@ -37,6 +37,9 @@ def test_srun_mode_one_task_per_gpu_and_the_preemption_settings():
     assert "CONFIG=/runs/r/job_config.yaml" in text
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in text
     assert 'scontrol requeue "$JOB"' in text
+    # sbatch exports the submitting shell's environment: its rank/rendezvous never leak in
+    unset = "unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK MASTER_ADDR MASTER_PORT"
+    assert text.index(unset) < text.index("export MASTER_ADDR")
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)  # valid bash
 
 
