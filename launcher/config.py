@@ -157,8 +157,13 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in body:
         raise ConfigError(body, "override must look like --section.key=value")
     key, raw = body.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
-    return key.split("."), value
+    parts = key.split(".")
+    if field_type(parts) is str or raw == "":
+        return parts, raw  # a string key takes the text as it is (newlines, ': ', quotes)
+    try:
+        return parts, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(key, f"value {raw!r} is not valid YAML ({err.problem})") from None
 
 
 def _read_yaml(path: Path) -> dict:

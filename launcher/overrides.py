@@ -45,8 +45,18 @@ def _join_values(rest: list[str], prog: str) -> list[str]:
 
 
 def parse_train_args(argv: list[str], prog: str) -> tuple[list[str], list[str]]:
-    """(config files, overrides) from ``argv``."""
-    parser = argparse.ArgumentParser(prog=prog, add_help=False)
-    parser.add_argument("--config", nargs="*", default=[])
-    args, rest = parser.parse_known_args(argv)
-    return args.config, _join_values(rest, prog)
+    """(config files, overrides) from ``argv``: the files are the words after ``--config`` up to
+    the next ``--`` word (argparse would also take an override holding a space for a file)."""
+    files, rest, i = [], [], 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if token.startswith("--config="):
+            files.append(token.split("=", 1)[1])
+        elif token == "--config":
+            while i < len(argv) and not argv[i].startswith("--"):
+                files.append(argv[i])
+                i += 1
+        else:
+            rest.append(token)
+    return files, _join_values(rest, prog)

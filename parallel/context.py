@@ -85,14 +85,18 @@ def check_launch_env(rank: int, world_size: int) -> None:
                           f"ranks (rank {rank}): set it to the first node's address")
 
 
+_SET_BY_US: list[str] = []  # MASTER_* variables _set_master_env defaulted in this process
+
+
 def _set_master_env(rank: int, world_size: int) -> None:
     """MASTER_ADDR/PORT: required for a multi-node run; defaulted on one node."""
     check_launch_env(rank, world_size)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # one node: this host
-    if "MASTER_PORT" not in os.environ:
-        if world_size > 1:
-            raise LaunchError(f"MASTER_PORT is not set for a multi-rank run (rank {rank})")
-        os.environ["MASTER_PORT"] = str(free_port())
+    if "MASTER_PORT" not in os.environ and world_size > 1:
+        raise LaunchError(f"MASTER_PORT is not set for a multi-rank run (rank {rank})")
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", None)):
+        if key not in os.environ:  # one process alone: ours to set, and to take back
+            os.environ[key] = value or str(free_port())
+            _SET_BY_US.append(key)
 
 
 def _choose_backend(requested: str) -> str:
@@ -185,8 +189,12 @@ def destroy_model_parallel() -> None:
 
 
 def destroy_parallel() -> None:
+    """Tear down the process groups, and the MASTER_* defaults a lone process set for itself
+    (an in-process caller, a test, must not hand them to the processes it starts later)."""
     global _GLOO_WORLD
     destroy_model_parallel()
     _GLOO_WORLD = None
     if dist.is_initialized():
         dist.destroy_process_group()
+    while _SET_BY_US:
+        os.environ.pop(_SET_BY_US.pop(), None)

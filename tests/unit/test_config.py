@@ -96,3 +96,32 @@ def test_derived_sizes():
     cfg = load_config([TINY], ["--parallel.tensor_model_parallel_size=2"])
     layout = validate(cfg, 4)
     assert layout.data_parallel_size == 2 and layout.num_microbatches == 2
+
+
+def test_string_keys_take_the_text_as_it_is_and_bad_yaml_names_the_key():
+    from gptforge.launcher.overrides import parse_train_args
+
+    hostile = "a\nb: c $(touch x) 'q' \"d\""
+    files, overrides = parse_train_args(
+        ["--config", str(TINY), f"--run.name={hostile}", "--run.dir", "x y",
+         "--data.sources=[{path: p, weight: 2}]"], prog="gptforge train")
+    assert files == [str(TINY)]  # an override holding a space is not taken for a file
+    cfg = load_config(files, overrides)
+    assert cfg.run.name == hostile and cfg.run.dir == "x y"
+    assert cfg.data.sources[0].path == "p" and cfg.data.sources[0].weight == 2
+    with pytest.raises(ConfigError, match="model.num_layers.*not valid YAML"):
+        load_config([], ["--model.num_layers=[1"])
+
+
+def test_a_lone_process_takes_back_the_master_port_it_chose(monkeypatch):
+    import os
+
+    from gptforge.parallel.config import ParallelConfig
+    from gptforge.parallel.context import destroy_parallel, init_parallel
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    init_parallel(ParallelConfig())
+    assert os.environ["MASTER_PORT"]
+    destroy_parallel()
+    assert "MASTER_PORT" not in os.environ and "MASTER_ADDR" not in os.environ
