@@ -193,7 +193,7 @@ def test_hostile_strings_arrive_as_data_and_nothing_runs(slurm_cluster, tmp_path
     name = "job 'name' \"q\" $(touch INJECTED) `touch INJECTED`"
     job = submit(run_dir, "--nodes", "1", "--job-name", name, "--env", f"HOSTILE={text}",
                  "--env", f"PYTHONPATH={hooks}", "--env", f"GPTFORGE_TEST_OUT={tmp_path}",
-                 f"--run.name={json.dumps(text)}",  # a YAML double-quoted scalar
+                 f"--run.name={text}",  # a string key takes the text as it is
                  "--train.train_iters=3", "--train.eval_interval=0")
     record = wait_job(job)[""]
     assert record["JobState"] == "COMPLETED", job_output(run_dir)
