@@ -1,9 +1,10 @@
 """Stop requests on a rank: SIGTERM, SIGINT and SIGUSR1 ask the run to stop at a step boundary.
 
 The handler only records the signal; the trainer asks ``StopRequest.requested`` after each step,
-and the ranks agree (a collective in ``gptforge.parallel.context.any_rank``) so that all of them
-stop after the same step. A second signal while no checkpoint is being written ends the process
-at once; during a save it is noted and the save finishes (a save is never left half-committed).
+and the ranks agree (a collective in ``gptforge.parallel.context.max_over_ranks``) so that all of
+them stop after the same step, for the same signal. A second signal while no checkpoint is being
+written ends the process at once; during a save it is noted and the save finishes (a save is never
+left half-committed).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class StopRequest:
         self.count = 0
         self.announce = announce
         self._saving = False
+        self._adopted = False  # signum came from another rank; none arrived here yet
         self._previous: dict[int, object] = {}
 
     @property
@@ -31,6 +33,12 @@ class StopRequest:
     @property
     def signal_name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
+
+    def adopt(self, signum: int) -> None:
+        """Stop for ``signum``, which reached another rank: this rank's own copy of it (scancel
+        --full, a launcher forwarding late) then counts as the first signal, not a second."""
+        if self.signum is None:
+            self.signum, self._adopted = signum, True
 
     def install(self) -> "StopRequest":
         for sig in STOP_SIGNALS:
@@ -44,6 +52,9 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         self.count += 1
+        if self._adopted and signum == self.signum:
+            self._adopted = False  # the same stop, arriving here late
+            return
         if self.signum is None:
             self.signum = signum
             if self.announce:

@@ -178,14 +178,16 @@ def _stop_check(cfg: Config, ctx, ckpt, stop):
     """After every step, on every rank: commit an async save, agree on a stop, save at the
     interval. Returns True when the run should stop."""
     from gptforge.launcher.checkpoint import crash_point
-    from gptforge.parallel.context import any_rank
+    from gptforge.parallel.context import max_over_ranks
 
     interval = cfg.checkpoint.save_interval if cfg.checkpoint.enabled else 0
 
     def should_stop(step: int) -> bool:
         crash_point("after_step", step)
         ckpt.poll()
-        if any_rank(ctx, stop.requested):
+        agreed = max_over_ranks(ctx, stop.signum or 0)
+        if agreed:  # a rank the signal has not reached (yet) stops for the same one
+            stop.adopt(agreed)
             return True
         if interval and step % interval == 0:
             ckpt.save(step, "interval", sync=False)

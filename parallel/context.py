@@ -171,13 +171,13 @@ def barrier(ctx: ParallelContext) -> None:
         dist.barrier(group=ctx.control_group)
 
 
-def any_rank(ctx: ParallelContext, flag: bool) -> bool:
-    """True on every rank when ``flag`` is True on any rank (a collective over all ranks)."""
+def max_over_ranks(ctx: ParallelContext, value: int) -> int:
+    """The largest of every rank's ``value``, on every rank (a collective over all ranks)."""
     if ctx.world_size == 1:
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=ctx.control_group)
-    return bool(value.item())
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=ctx.control_group)
+    return int(tensor.item())
 
 
 def destroy_model_parallel() -> None:
