@@ -129,11 +129,12 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _merge(base: dict, delta: dict) -> dict:
+def merge_dicts(base: dict, delta: dict) -> dict:
+    """``delta`` over ``base``, section by section (nested mappings merge, the rest replaces)."""
     out = dict(base)
     for key, value in delta.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_dicts(out[key], value)
         else:
             out[key] = value
     return out
@@ -182,13 +183,13 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
     """Defaults ← each YAML file in order ← each ``section.key=value`` override."""
     merged: dict = {}
     for path in files:
-        merged = _merge(merged, _read_yaml(Path(path)))
+        merged = merge_dicts(merged, _read_yaml(Path(path)))
     for text in overrides:
         parts, value = _parse_override(text)
         delta: dict = value
         for part in reversed(parts):
             delta = {part: delta}
-        merged = _merge(merged, delta)
+        merged = merge_dicts(merged, delta)
     return _build(Config, merged)
 
 

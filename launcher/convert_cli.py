@@ -35,9 +35,9 @@ def _source(checkpoint: str) -> tuple[Path, dict]:
 def zero_to_fp32(checkpoint: str, out: str) -> Path:
     """Convert; returns OUT (a complete step directory of the megatron engine)."""
     from gptforge.launcher import checkpoint as ck
-    from gptforge.launcher.config import config_from_dict, validate
+    from gptforge.launcher.config import config_from_dict, merge_dicts, validate
     from gptforge.launcher.converted import check_out, finish, write_weights_only
-    from gptforge.launcher.inference import ONE_PROCESS, merge, one_process
+    from gptforge.launcher.inference import ONE_PROCESS, one_process
     from gptforge.launcher.train import build_engine
     from gptforge.parallel.context import init_parallel
     from gptforge.parallel.deepspeed_convert import fp32_state_dict
@@ -45,7 +45,7 @@ def zero_to_fp32(checkpoint: str, out: str) -> Path:
 
     step_dir, source = _source(checkpoint)
     partial = check_out(out)
-    cfg = config_from_dict(merge(source["config"], ONE_PROCESS))
+    cfg = config_from_dict(merge_dicts(source["config"], ONE_PROCESS))
     layout = validate(cfg, 1)
     weights = fp32_state_dict(step_dir / ck.STATE_DIR)
     with one_process():

@@ -18,12 +18,6 @@ import math
 from pathlib import Path
 
 
-def _spec(shards: str, split: str):
-    from gptforge.data.shardspec import resolve
-
-    return resolve(shards, split)
-
-
 def _default_iters(src, tokens_per_iter: int) -> int:
     known = [t for t in src.expected_tokens if t is not None]
     if len(known) < len(src.expected_tokens):
@@ -33,18 +27,18 @@ def _default_iters(src, tokens_per_iter: int) -> int:
 
 def evaluate_model(loaded, shards: str, *, split: str, eval_iters: int | None,
                    micro_batch_size: int) -> dict:
-    from gptforge.launcher.config import config_from_dict, to_dict
-    from gptforge.launcher.inference import merge
+    from gptforge.launcher.config import config_from_dict, merge_dicts, to_dict
     from gptforge.data.preflight import check_data
+    from gptforge.data.shardspec import resolve
     from gptforge.launcher.train import build_batches
     from gptforge.launcher.trainer import evaluate
 
-    src = _spec(shards, split)
+    src = resolve(shards, split)
     data = {"source": "webdataset", "sources": [{"path": shards}], "valid_sources": [],
             "format": "sft" if src.sft else "pretrain", "num_workers": 0}
     train = {"micro_batch_size": micro_batch_size, "global_batch_size": micro_batch_size,
              "seed": 0}
-    cfg = config_from_dict(merge(to_dict(loaded.cfg), {"data": data, "train": train}))
+    cfg = config_from_dict(merge_dicts(to_dict(loaded.cfg), {"data": data, "train": train}))
     seq = cfg.model.seq_length
     check_data(cfg.data, splits=(split,), seq_length=seq, vocab_size=cfg.model.vocab_size)
     iters = eval_iters or _default_iters(src, micro_batch_size * seq)

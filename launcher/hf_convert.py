@@ -12,6 +12,7 @@ and tokenizer to train it with). It loads at any TP/PP layout.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -124,14 +125,8 @@ def from_hf(hf_dir: str, out: str, *, quiet: bool = False) -> Path:
         write_weights_only(loaded.engine, loaded.cfg, partial,
                            source={"converted_from": str(hf_path.resolve())},
                            tokenizer_sha256=tok.sha256 if tok else None)
-        model = {"model": _model_delta(loaded.cfg), "data": delta["data"]}
+        model = {"model": asdict(loaded.cfg.model), "data": delta["data"]}
     (partial / MODEL_YAML).write_text(
         "# The model (and tokenizer) of this converted checkpoint: pass it with --config.\n"
         + yaml.safe_dump(model, sort_keys=False))
     return finish(partial, out)
-
-
-def _model_delta(cfg) -> dict:
-    from dataclasses import asdict
-
-    return asdict(cfg.model)

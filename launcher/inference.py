@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gptforge.launcher.config import Config, config_from_dict, validate
+import torch
+
+from gptforge.launcher.config import Config, config_from_dict, merge_dicts, validate
 from gptforge.launcher.hf_folder import HFModel, check_keys, is_hf_folder, read_hf_folder
 from gptforge.parallel.layout import Layout
 
@@ -31,13 +33,6 @@ ONE_PROCESS = {
     "sample": {"prompt": ""},
     "logging": {"mlflow": False},
 }
-
-
-def merge(base: dict, delta: dict) -> dict:
-    out = dict(base)
-    for key, value in delta.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and key in out else value
-    return out
 
 
 @dataclass
@@ -93,7 +88,7 @@ def load_checkpoint(path: str | Path, *, delta: dict | None = None) -> Loaded:
     problem = ck.verify_files(step_dir, manifest, 0, 1)
     if problem:
         raise CheckpointError(problem)
-    cfg = config_from_dict(merge(merge(manifest["config"], ONE_PROCESS), delta or {}))
+    cfg = config_from_dict(merge_dicts(merge_dicts(manifest["config"], ONE_PROCESS), delta or {}))
     layout, ctx, engine = _build(cfg)
     if manifest["layout"].get("engine") == "deepspeed":
         from gptforge.parallel.deepspeed_convert import fp32_state_dict
@@ -113,7 +108,7 @@ def load_checkpoint(path: str | Path, *, delta: dict | None = None) -> Loaded:
 def hf_config_dict(hf: HFModel, delta: dict | None = None) -> dict:
     """Our config for a Hugging Face folder: its model, its tokenizer, one process."""
     base = {"model": asdict(hf.model), "data": {"tokenizer_model": str(hf.path.resolve())}}
-    return merge(merge(base, ONE_PROCESS), delta or {})
+    return merge_dicts(merge_dicts(base, ONE_PROCESS), delta or {})
 
 
 def load_hf(path: str | Path, *, delta: dict | None = None) -> Loaded:
@@ -125,7 +120,8 @@ def load_hf(path: str | Path, *, delta: dict | None = None) -> Loaded:
     cfg = config_from_dict(hf_config_dict(hf, delta))
     layout, ctx, engine = _build(cfg)
     fresh = gpt_state_dict(engine.model_chunks[0])
-    expected = to_hf(hf.arch, fresh, cfg.model, cfg.model.vocab_size)
+    shapes = {k: torch.empty(v.shape, device="meta") for k, v in fresh.items()}  # no copies
+    expected = to_hf(hf.arch, shapes, cfg.model, cfg.model.vocab_size)
     check_keys(hf, {k: v.shape for k, v in expected.items()})
     ours = from_hf(hf.arch, hf.state, cfg.model, layout.padded_vocab_size)
     load_gpt_weights(engine.model_chunks[0], to_model_keys(ours, fresh))

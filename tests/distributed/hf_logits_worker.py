@@ -10,8 +10,7 @@ import sys
 import torch
 
 from gptforge.launcher import checkpoint as ck
-from gptforge.launcher.config import config_from_dict, validate
-from gptforge.launcher.inference import merge
+from gptforge.launcher.config import config_from_dict, merge_dicts, validate
 from gptforge.launcher.train import build_engine
 from gptforge.parallel.context import destroy_parallel, init_parallel, world_size_from_env
 from gptforge.parallel.weights import unwrapped
@@ -20,7 +19,7 @@ from gptforge.parallel.weights import unwrapped
 def main(checkpoint: str, tokens_file: str, out_file: str) -> None:
     step_dir = ck.resolve(checkpoint)
     tp = world_size_from_env()
-    cfg = config_from_dict(merge(ck.read_manifest(step_dir)["config"], {
+    cfg = config_from_dict(merge_dicts(ck.read_manifest(step_dir)["config"], {
         "parallel": {"tensor_model_parallel_size": tp}, "precision": {"dtype": "fp32"}}))
     layout = validate(cfg, tp)
     ctx = init_parallel(cfg.parallel)
