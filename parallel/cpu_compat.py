@@ -11,8 +11,10 @@ and nowhere else:
    buffers) → those modules see a ``torch`` whose factory functions map "cuda" to "cpu". This is a
    per-module name binding, so the model's forward/backward pays nothing for it.
 4. ``p.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers → ``optimizer_context()``, a
-   TorchFunctionMode that answers with CUDA type names; the engine enters it only around optimizer
-   construction and ``step`` (a handful of ops per step).
+   TorchFunctionMode that answers with CUDA type names. The engine enters it around optimizer
+   construction only. In a step the one such check is gradient clipping's; clipping runs as
+   ``clip_grad_by_total_norm_cpu`` (the same scaling, the check made on the dtype), so a step
+   runs no TorchFunctionMode at all.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ _LITERAL_CUDA_MODULES = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.tensor_parallel.data",
     "megatron.core.transformer.utils",
+    "megatron.core.utils",  # local_multi_tensor_l2_norm (grad norm without apex)
 )
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like",
               "empty_like", "full_like", "randn", "rand")
@@ -72,8 +75,10 @@ class _CpuTorch(types.ModuleType):
         for name in _FACTORIES:
             setattr(self, name, _map_device(getattr(torch, name)))
 
-    def __getattr__(self, name):
-        return getattr(torch, name)
+    def __getattr__(self, name):  # first use of any other name: bind it, later reads are plain
+        value = getattr(torch, name)
+        setattr(self, name, value)
+        return value
 
 
 class CpuRNGStatesTracker:
@@ -143,6 +148,28 @@ def _tensor_cuda(self, *args, **kwargs):
     return self
 
 
+def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's ``clip_grad_by_total_norm_fp32`` (optimizer/clip_grads.py:138) for CPU grads.
+
+    The same in-place scaling by ``max_norm / (total_norm + 1e-6)`` when that is below 1
+    (bitwise: megatron's apex-free path multiplies each fp32 grad by the same float). Its
+    ``grad.type() == 'torch.cuda.FloatTensor'`` assertion becomes a dtype check.
+    """
+    from megatron.core.utils import to_local_if_dtensor
+
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [to_local_if_dtensor(grad).detach() for param in parameters
+             if (grad := getattr(param, attr, None)) is not None]
+    for grad in grads:
+        if grad.dtype not in (torch.float32, torch.bfloat16 if use_decoupled_grad else None):
+            raise TypeError(f"gradient clipping expects fp32 main grads, got {grad.dtype}")
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
 def apply() -> bool:
     """Install the compatibility layer if CUDA is absent. Idempotent; returns whether applied."""
     global _APPLIED
@@ -162,5 +189,8 @@ def apply() -> bool:
     cpu_torch = _CpuTorch()
     for name in _LITERAL_CUDA_MODULES:
         importlib.import_module(name).torch = cpu_torch
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    moptimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
     _APPLIED = True
     return True

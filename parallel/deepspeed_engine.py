@@ -205,6 +205,7 @@ class DeepSpeedEngine:
         if run_dir and ctx.rank == 0:  # what DeepSpeed runs with, for the record
             _write_json(Path(run_dir) / CONFIG_FILE, self.config)
         optimizer = torch.optim.AdamW(megatron_param_groups(module, optim.weight_decay),
+                                      fused=True,  # one kernel for all params, CPU and CUDA
                                       **{k: v for k, v in adamw_settings(optim).items()
                                          if k != "weight_decay"})
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

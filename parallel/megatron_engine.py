@@ -57,7 +57,30 @@ def build_optimizer(chunks, optim: OptimConfig, precision: PrecisionConfig,
         use_distributed_optimizer=use_distributed_optimizer,
     )
     with cpu_compat.optimizer_context():
-        return get_megatron_optimizer(config, chunks)
+        optimizer = get_megatron_optimizer(config, chunks)
+    apply_fused_adam(optimizer)
+    return optimizer
+
+
+def apply_fused_adam(optimizer) -> None:
+    """torch's fused AdamW kernel wherever megatron picked torch's AdamW (no TE/apex FusedAdam).
+
+    megatron leaves torch's default: a Python loop over params on CPU, ``foreach`` on CUDA.
+    The fused kernel does the whole update in one call on both (0.82M params, CPU: 1.64 ms ->
+    0.42 ms per step). Fused keeps Adam's ``step`` as fp32 on the param's device: a state
+    loaded from a checkpoint is moved there, so this is applied again after each load.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam):  # torch's AdamW subclasses Adam
+            continue
+        inner.defaults.update(fused=True, foreach=None)
+        for group in inner.param_groups:
+            group.update(fused=True, foreach=None)
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state and torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
 
 
 def build_scheduler(optimizer, optim: OptimConfig, train_iters: int):
@@ -122,8 +145,10 @@ class MegatronEngine:
     def load(self, directory, *, load_optim: bool = True) -> dict:
         from gptforge.parallel.megatron_checkpoint import load_state
 
-        return load_state(self.model_chunks, self.optimizer, self.scheduler, directory,
-                          load_optim=load_optim)
+        record = load_state(self.model_chunks, self.optimizer, self.scheduler, directory,
+                            load_optim=load_optim)
+        apply_fused_adam(self.optimizer)  # load_state_dict restores the saved param groups
+        return record
 
     @property
     def num_parameters(self) -> int:
@@ -154,12 +179,12 @@ class MegatronEngine:
 
     def train_step(self, micro_batches: list[dict]) -> StepResult:
         for chunk in self.model_chunks:
-            chunk.train()
+            if not chunk.training:  # eval_step sets the whole tree; train() walks every module
+                chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss = self._run(micro_batches, forward_only=False)
-        with cpu_compat.optimizer_context():
-            updated, grad_norm, _ = self.optimizer.step()
+        updated, grad_norm, _ = self.optimizer.step()
         if updated:
             self.scheduler.step(increment=1)
         return StepResult(loss=loss, grad_norm=None if grad_norm is None else float(grad_norm),

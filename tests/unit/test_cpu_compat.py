@@ -1,0 +1,76 @@
+"""The CPU step path: fused AdamW, and no TorchFunctionMode inside a training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptforge.launcher.config import load_config, validate
+from gptforge.parallel import cpu_compat
+from gptforge.parallel.context import destroy_parallel, init_parallel
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path only")
+
+
+@pytest.fixture()
+def engine():
+    from gptforge.launcher.train import build_batches, build_engine
+    from gptforge.parallel.seeding import set_seed
+
+    cfg = load_config([TINY], ["--optim.clip_grad=0.05"])  # small enough to clip every step
+    layout = validate(cfg, 1)
+    ctx = init_parallel(cfg.parallel)
+    try:
+        set_seed(cfg.train.seed, ctx.pp_rank)
+        engine = build_engine(cfg, layout, ctx)
+        batches = iter(build_batches(cfg, layout, ctx, "train"))
+        yield engine, [next(batches) for _ in range(layout.num_microbatches)]
+    finally:
+        destroy_parallel()
+
+
+def test_clip_equals_megatrons_bitwise():
+    from megatron.core.optimizer import clip_grads
+
+    cpu_compat.apply()
+    torch.manual_seed(0)
+    theirs = [torch.nn.Parameter(torch.randn(n)) for n in (7, 300, 4096)]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    for a, b in zip(theirs, ours):
+        a.grad = torch.randn_like(a) * 3
+        b.grad = a.grad.clone()
+    before = [p.grad.clone() for p in ours]
+    with cpu_compat.optimizer_context():
+        clip_grads.clip_grad_by_total_norm_fp32(theirs, 1.0, 57.3)
+    cpu_compat.clip_grad_by_total_norm_cpu(ours, 1.0, 57.3)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(theirs, ours))
+    assert not any(torch.equal(a, b.grad) for a, b in zip(before, ours))  # it did clip
+    cpu_compat.clip_grad_by_total_norm_cpu(ours, 1.0, 0.5)  # coefficient > 1: untouched
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(theirs, ours))
+    half = torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))
+    half.grad = torch.ones(3, dtype=torch.float16)
+    with pytest.raises(TypeError, match="fp32 main grads"):
+        cpu_compat.clip_grad_by_total_norm_cpu([half], 1.0, 10.0)
+
+
+def test_a_step_runs_fused_adamw_and_no_torch_function_mode(engine, monkeypatch):
+    engine, micro_batches = engine
+    inner = [o.optimizer for o in engine.optimizer.chained_optimizers]
+    assert inner and all(g["fused"] for opt in inner for g in opt.param_groups)
+    seen = []
+    original = cpu_compat._CudaTypeNames.__torch_function__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        seen.append(func)
+        return original(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(cpu_compat._CudaTypeNames, "__torch_function__", counting)
+    params = [p.detach().clone() for p in engine.model_chunks[0].parameters()]
+    results = [engine.train_step(micro_batches) for _ in range(2)]
+    assert seen == []
+    assert all(r.grad_norm > 0.05 and not r.skipped for r in results)  # clipped, and stepped
+    after = list(engine.model_chunks[0].parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(params, after))
+    steps = {float(s["step"]) for opt in inner for s in opt.state.values()}
+    assert steps == {2.0}  # fused Adam keeps its step as an fp32 tensor, counted once a step
