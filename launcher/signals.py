@@ -16,6 +16,27 @@ from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
+# Signals that reached a rank before its StopRequest existed (``record_early``), and the
+# handlers they replaced.
+_early: list[int] = []
+_early_previous: dict[int, object] = {}
+
+
+def record_early() -> None:
+    """From a rank's first moment (before torch and megatron import, seconds), a stop signal is
+    recorded instead of killing the process; ``StopRequest.install`` then acts on it."""
+    if _early_previous:
+        return
+    for sig in STOP_SIGNALS:
+        _early_previous[sig] = signal.signal(sig, lambda signum, frame: _early.append(signum))
+
+
+def _take_early() -> tuple[list[int], dict[int, object]]:
+    signums, previous = list(_early), dict(_early_previous)
+    _early.clear()
+    _early_previous.clear()
+    return signums, previous
+
 
 class StopRequest:
     def __init__(self, announce: bool = True):
@@ -41,8 +62,12 @@ class StopRequest:
             self.signum, self._adopted = signum, True
 
     def install(self) -> "StopRequest":
+        early, early_previous = _take_early()
         for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            replaced = signal.signal(sig, self._handle)
+            self._previous[sig] = early_previous.get(sig, replaced)
+        for signum in early:  # arrived during start-up: as if they arrived now, in order
+            self._handle(signum, None)
         return self
 
     def uninstall(self) -> None:

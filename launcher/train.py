@@ -10,6 +10,12 @@ first, by ``preflight``, which the local launcher also runs before any rank star
 from __future__ import annotations
 
 import sys
+
+if __name__ == "__main__":  # a rank process: a stop signal during start-up is kept, not fatal
+    from gptforge.launcher.signals import record_early
+
+    record_early()
+
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -248,6 +248,44 @@ def test_a_signal_to_the_launcher_leaves_no_rank_behind(tmp_path, signum):
     assert steps[-1] == stop[0]["step"]  # both ranks stopped after the same step
 
 
+def _catches(pid: int, signum: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+def _torch_loaded(pid: int) -> bool:
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.slow
+def test_a_stop_signal_during_rank_start_up_stops_after_the_first_step(tmp_path):
+    """Slurm's USR1 (or a SIGTERM) that reaches a rank while it still imports torch and
+    megatron must not kill it: the rank trains one step, checkpoints it and exits 75."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptforge.launcher.train", "--config", str(TINY),
+         f"--run.dir={run_dir}", "--train.train_iters=100000", "--train.eval_interval=0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        while not _catches(proc.pid, signal.SIGUSR1):
+            assert not _torch_loaded(proc.pid), "SIGUSR1 is not caught before torch imports"
+            assert proc.poll() is None
+            time.sleep(0.002)
+        assert not _torch_loaded(proc.pid)  # still starting up: nothing imported yet
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, err[-3000:]
+    assert "SIGUSR1: stopping after this step" in err
+    stop = [r for r in metrics(run_dir) if r.get("event") == "stopped"]
+    assert len(stop) == 1 and stop[0]["signal"] == "SIGUSR1" and stop[0]["step"] == 1
+    assert (run_dir / "checkpoints" / "latest").exists()
+
+
 def test_master_addr_is_required_for_a_multi_node_rank(tmp_path):
     env = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_PORT": "29999"}
     env_all = {**os.environ, **env, "PYTHONWARNINGS": "ignore"}
