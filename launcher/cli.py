@@ -59,7 +59,8 @@ def _train(args: argparse.Namespace) -> int:
     from gptforge.launcher.local import launch_local
 
     train.preflight(cfg, nproc, is_run_dir_owner=True)  # fail before any rank starts
-    return launch_local(nproc, args.rest)
+    return launch_local(nproc, args.rest,
+                        mlflow_run_dir=cfg.run.dir if cfg.logging.mlflow else None)
 
 
 def _config(args: argparse.Namespace) -> int:

@@ -152,8 +152,10 @@ def _supervise(group: RankGroup, stop: dict) -> int:
     return first[1] if first[1] > 0 else EXIT_INTERNAL_ERROR
 
 
-def launch_local(nproc: int, argv: list[str]) -> int:
-    """Run ``nproc`` ranks of ``gptforge.launcher.train argv``; forward signals; return a code."""
+def launch_local(nproc: int, argv: list[str], mlflow_run_dir: str | None = None) -> int:
+    """Run ``nproc`` ranks of ``gptforge.launcher.train argv``; forward signals; return a code.
+    ``mlflow_run_dir``: the run dir of a run logging to MLflow, whose MLflow run is ended
+    FAILED (or KILLED) here when the ranks could not end it themselves."""
     stop = {"count": 0, "signum": None}
 
     def forward(signum, frame):
@@ -166,9 +168,14 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     try:
         for sig in FORWARDED:
             signal.signal(sig, forward)
-        return _supervise(group, stop)
+        code = _supervise(group, stop)
     finally:
-        group.kill_all()
+        group.kill_all()  # the ranks' process group: MLflow senders included
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         group.cleanup()
+    if mlflow_run_dir and code not in (EXIT_OK, EXIT_CHECKPOINTED):
+        from gptforge.launcher.mlflow_tracking import end_unfinished
+
+        end_unfinished(mlflow_run_dir, "KILLED" if stop["signum"] else "FAILED")
+    return code

@@ -412,5 +412,36 @@ def sync(run_dir: str | Path, stream=None) -> tuple[int, int]:
     return done, len(pending)
 
 
+def end_unfinished(run_dir: str | Path, status: str) -> bool:
+    """End a run dir's MLflow run with ``status`` if it is still RUNNING: its logging rank
+    could not (SIGKILL, or stopped by another rank's failure). Called by whoever outlives the
+    ranks (the local launcher, the Slurm batch shell). The status goes into the outbox, then
+    everything waiting is sent; if the server is away it waits there for ``gptforge mlflow
+    sync``. Returns whether the run was ended here."""
+    run_dir = Path(run_dir)
+    if not read_state(run_dir).get("run_uid"):
+        return False  # MLflow off, or never started
+    ops = read_outbox(run_dir)
+    statuses = [op["status"] for op in ops if op["op"] == "status"]
+    if not statuses or statuses[-1] != "RUNNING":
+        return False  # ended by the run itself
+    path = _dir(run_dir) / "outbox.jsonl"
+    seq = max([_read_sent(run_dir), *(op["seq"] for op in ops)]) + 1
+    with path.open("ab") as f:
+        if f.tell() and not path.read_bytes().endswith(b"\n"):
+            f.write(b"\n")  # a line cut off by the crash stays unreadable, ours does not
+        f.write((json.dumps({"seq": seq, "time": time.time(), "op": "status",
+                             "status": status}) + "\n").encode())
+    try:
+        sync(run_dir)
+    except Exception as err:  # noqa: BLE001 (the server is away: the status waits)
+        print(f"[gptforge] MLflow: could not mark the run {status} ({_short(err)}); "
+              f"`gptforge mlflow sync {run_dir}` sends it", file=sys.stderr, flush=True)
+    return True
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--end":  # the Slurm batch shell, after ranks that did not finish
+        end_unfinished(sys.argv[2], sys.argv[3])
+        sys.exit(0)
     sys.exit(follow(Path(sys.argv[1])))

@@ -227,3 +227,35 @@ def test_records_wait_for_the_store_and_a_resumed_run_replays_them(tmp_path):
     assert (run.info.run_name, run.info.status) == ("replay", "FINISHED")
     assert history(c, run) == {s: float(s) for s in range(1, 8)}
     assert run.data.params == {"a.b": "1"}
+
+
+@pytest.mark.parametrize("killed_rank", [0, 1])
+def test_a_rank_killed_mid_run_leaves_its_mlflow_run_failed_not_running(tmp_path, killed_rank):
+    """SIGKILL leaves the logging rank no chance to end its MLflow run (rank 0 killed), and a
+    failing peer can leave it stuck until the launcher kills it (rank 1 killed): the launcher,
+    which outlives the ranks, ends the run FAILED. The metrics sent before stay."""
+    run_dir = tmp_path / "runs" / "crash"
+    proc = subprocess.Popen(
+        [GPTFORGE, "train", "--config", str(TINY), "--nproc-per-node", "2",
+         "--run.dir", str(run_dir), "--logging.mlflow=true", "--train.train_iters=100000",
+         "--train.eval_interval=0", "--train.log_interval=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        wait_for(lambda: logged_steps(run_dir) >= 3 or proc.poll() is not None, what="3 steps")
+        ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)],
+                                                capture_output=True, text=True).stdout.split()]
+        assert len(ranks) == 2, ranks
+        import os
+
+        os.kill(sorted(ranks)[killed_rank], signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and f"rank {killed_rank} was killed by SIGKILL" in err, err[-2000:]
+    c, run = the_run(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert run.info.status == "FAILED"
+    assert len(history(c, run)) >= 3  # what was logged before the crash is kept
+    # ending it again (the Slurm batch shell does so after any failed step) changes nothing
+    from gptforge.launcher.mlflow_tracking import end_unfinished
+
+    assert end_unfinished(run_dir, "FAILED") is False

@@ -111,6 +111,23 @@ def test_preemption_checkpoints_requeues_and_resumes_into_one_mlflow_run(
     assert status["mlflow_run_id"] == run.info.run_id and status["last_step"] == STEPS
 
 
+def test_a_killed_job_step_ends_its_mlflow_run_failed(slurm_cluster, tmp_path):
+    """SIGKILL to the ranks (the OOM killer, a node's watchdog) gives the logging rank no
+    chance to end its MLflow run; the batch shell, which outlives them, ends it FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "runs" / "killed"
+    job = submit(run_dir, "--nodes", "1", "--logging.mlflow=true", "--train.train_iters=100000")
+    wait_for_step(run_dir, job, 3)
+    subprocess.run(["scancel", "--signal=KILL", f"{job}.0"], check=True, timeout=60)
+    record = wait_job(job)[""]
+    assert record["JobState"] == "FAILED" and record["Restarts"] == "0", record
+    client = MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("gptforge").experiment_id])
+    assert run.info.status == "FAILED", job_output(run_dir)
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 3
+
+
 def wait_for_step(run_dir: Path, job: str, step: int) -> None:
     metrics_file = run_dir / "metrics.jsonl"
     for _ in range(600):
