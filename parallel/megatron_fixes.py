@@ -15,6 +15,9 @@ c      the same function runs without ``torch.no_grad`` on several load paths
 d      ``DistributedOptimizer.load_state_dict``: one shared ``step`` tensor for every param
 e      ``DistributedOptimizer.sharded_param_state_fully_reshardable``: slices the gathered
        state at padded buffer offsets, but the gathered state has the padding removed
+warn   megatron's grad buffers call ``torch.distributed.reduce_scatter_tensor`` and
+       ``all_gather_into_tensor``, deprecated since torch 2.13: a FutureWarning on every rank's
+       console that its user cannot act on; filtered by its exact message, nothing else
 =====  ==========================================================================================
 
 Fixes a, b and d concern the torch-Adam path of the distributed optimizer (no Apex/TE: CPU, and
@@ -33,6 +36,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 import weakref
 from queue import Empty
 
@@ -291,5 +295,8 @@ def apply() -> bool:
         return False
     _install_spawn_fix()
     _install_distrib_optimizer_fixes()
+    for name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=rf"`torch\.distributed\.{name}` is deprecated")
     _applied = True
     return True
