@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONWARNINGS := ignore::UserWarning
 
-.PHONY: install test demo bench clean slurm-up slurm-down
+.PHONY: install test demo bench gpu-wheels clean slurm-up slurm-down
 
 install: $(STAMP)
 
@@ -25,6 +25,16 @@ demo: install
 
 bench: install
 	$(PY) bench/bench_train.py
+
+# The wheels the lent GPU machine lacks (it has torch, Python 3.12, no network): carried with the
+# working tree as .gpu_wheels; bench/on_gpu.sh installs them there (see docs/PERFORMANCE.md).
+GPU_PYTHON ?= 3.12
+gpu-wheels: install
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu_wheels \
+	  megatron-core==0.16.1 webdataset==$$($(PY) -c 'import importlib.metadata as m; print(m.version("webdataset"))') \
+	  braceexpand
 
 # A two-node Slurm on this host (root; installs slurm and munge if absent): try jobs locally.
 slurm-up:

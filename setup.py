@@ -24,6 +24,7 @@ setup(
         "tqdm",
         "transformers",  # Hugging Face import/export and tokenizer folders
         "safetensors",
+        "psutil",  # megatron-core's checkpoint writer processes need it (an extra upstream)
     ],
     extras_require={"test": ["pytest>=8", "ruff"]},
     entry_points={"console_scripts": ["gptforge=gptforge.launcher.cli:main"]},

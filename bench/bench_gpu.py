@@ -143,6 +143,7 @@ def run_gptforge(model_fields: dict, micro_batch_size: int, args) -> dict:
                       f"--train.train_iters={args.warmup + args.steps}",
                       "--train.eval_interval=0", "--train.log_interval=1",
                       f"--train.seed={SEED}", f"--run.dir={run_dir}",
+                      "--checkpoint.enabled=false",  # a 1.3B final save is not the benchmark
                       *shlex.split(args.gptforge_args)]
         cfg = load_config([], overrides)
         try:

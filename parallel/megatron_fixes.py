@@ -9,6 +9,8 @@ name   what it fixes
 =====  ==========================================================================================
 spawn  ``filesystem_async._get_write_results_queue``: a *spawn* Manager on a process's first
        save (1.5-5 s measured; it re-imports ``__main__``)
+writer ``FileSystemWriterAsync.write_preloaded_data_multiproc``: waits forever for a writer
+       process that died (OOM-killed, or psutil missing) -- the save, so the run, hangs
 a      ``DistributedOptimizer.state_dict``: asserts one Adam ``step`` in an empty state
 b      ``DistributedOptimizer._set_main_param_and_optimizer_states``: copies ``step`` too
 c      the same function runs without ``torch.no_grad`` on several load paths
@@ -42,7 +44,7 @@ from queue import Empty
 
 import torch
 
-FIXES = ("spawn", "a", "b", "c", "d", "e")
+FIXES = ("spawn", "writer", "a", "b", "c", "d", "e")
 
 _applied = False
 _disabled: set[str] = set()
@@ -133,6 +135,87 @@ def _install_spawn_fix() -> None:
 
     _originals["spawn"] = filesystem_async._get_write_results_queue
     filesystem_async._get_write_results_queue = _write_results_queue
+
+
+# --------------------------------------------------------------------------------------------
+# writer: a checkpoint writer process that dies
+# --------------------------------------------------------------------------------------------
+
+WRITER_POLL_S = 1.0
+
+
+def _write_preloaded_data_multiproc(transform_list, use_msc, rank, write_buckets,
+                                    global_results_queue) -> None:
+    """Fix (writer): one forked writer per bucket, as upstream, but a writer that dies fails
+    the save instead of hanging it.
+
+    Upstream (filesystem_async.py:235-340) ``count_queue.join()``s until every writer calls
+    ``task_done``. A writer that dies first never does: an OOM kill, or megatron's own
+    ``_process_memory()`` (:366, outside its try) raising where psutil is missing. The rank then
+    waits forever inside the save, holding its allocation. Here the parent reads the results
+    queue with a timeout and checks the writers' exit codes in between; a writer that exited
+    without a result is reported (with its exit code; its traceback, if any, went to stderr)
+    as the save's result, which megatron raises on the rank.
+    """
+    import multiprocessing as mp
+    from functools import partial
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import \
+        FileSystemWriterAsync
+
+    if not _on("writer"):
+        return _originals["writer"](transform_list, use_msc, rank, write_buckets,
+                                    global_results_queue)
+    ctx = mp.get_context("fork")
+    results, count = ctx.Queue(), ctx.JoinableQueue()  # the writer's API needs both
+    procs = []
+    for i, bucket in enumerate(write_buckets):
+        count.put(i)
+        kwargs = dict(local_proc_idx=i, write_bucket=bucket, results_queue=results,
+                      count_queue=count, use_fsync=True, **({"use_msc": True} if use_msc else {}))
+        procs.append(ctx.Process(target=partial(FileSystemWriterAsync.write_preloaded_data,
+                                                transform_list), kwargs=kwargs))
+    for proc in procs:
+        proc.start()
+    written: dict = {}
+    outcome = None
+    while len(written) < len(procs) and outcome is None:
+        try:
+            index, result = results.get(timeout=WRITER_POLL_S)
+        except Empty:
+            dead = [i for i, p in enumerate(procs) if p.exitcode is not None and i not in written]
+            if dead:  # exited and yet no result: read once more, then it is lost
+                try:
+                    index, result = results.get(timeout=WRITER_POLL_S)
+                except Empty:
+                    code = procs[dead[0]].exitcode
+                    outcome = RuntimeError(
+                        f"rank {rank}: checkpoint writer process {dead[0]} of {len(procs)} died "
+                        f"(exit code {code}{', killed: out of memory?' if code < 0 else ''}) "
+                        f"before writing its file; see its traceback above, if any")
+                    break
+            else:
+                continue
+        if isinstance(result, Exception):
+            outcome = result
+        else:
+            written[index] = result
+    for proc in procs:
+        if outcome is not None and proc.is_alive():
+            proc.kill()
+        proc.join()
+    global_results_queue.put(written if outcome is None else outcome)
+
+
+def _install_writer_fix() -> None:
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import \
+        FileSystemWriterAsync
+
+    from megatron.core.dist_checkpointing.strategies.async_utils import _disable_gc
+
+    _originals["writer"] = FileSystemWriterAsync.write_preloaded_data_multiproc
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(
+        _disable_gc()(_write_preloaded_data_multiproc))  # as upstream: no GC while writing
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,6 +377,7 @@ def apply() -> bool:
     if _applied:
         return False
     _install_spawn_fix()
+    _install_writer_fix()
     _install_distrib_optimizer_fixes()
     for name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
         warnings.filterwarnings("ignore", category=FutureWarning,

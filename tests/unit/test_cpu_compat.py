@@ -1,4 +1,5 @@
-"""The CPU step path: fused AdamW, and no TorchFunctionMode inside a training step."""
+"""The engine's own paths on CPU: fused AdamW, no TorchFunctionMode inside a training step, and
+a checkpoint writer process that dies failing the save instead of hanging it."""
 
 from __future__ import annotations
 
@@ -74,3 +75,45 @@ def test_a_step_runs_fused_adamw_and_no_torch_function_mode(engine, monkeypatch)
     assert any(not torch.equal(a, b) for a, b in zip(params, after))
     steps = {float(s["step"]) for opt in inner for s in opt.state.values()}
     assert steps == {2.0}  # fused Adam keeps its step as an fp32 tensor, counted once a step
+
+
+def _bounded(seconds: int):
+    """Fail (not hang) the test if the block takes longer than ``seconds``."""
+    import signal
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still waiting after {seconds} s: the save hangs")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    return previous
+
+
+@pytest.mark.parametrize("death", ["psutil missing", "SIGKILL"])
+def test_a_dead_checkpoint_writer_fails_the_save_instead_of_hanging(engine, tmp_path,
+                                                                    monkeypatch, death):
+    import os
+    import signal
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    engine, _ = engine
+    if death == "psutil missing":  # upstream's _process_memory() raises outside its try
+        monkeypatch.setattr(fa, "HAVE_PSUTIL", False)
+    else:  # the OOM killer
+        monkeypatch.setattr(fa.FileSystemWriterAsync, "write_preloaded_data",
+                            staticmethod(lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)))
+    previous = _bounded(60)
+    try:
+        with pytest.raises(Exception) as raised:
+            engine.save(tmp_path / "ckpt")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    chain, err = [], raised.value
+    while err is not None:
+        chain.append(str(err))
+        err = err.__cause__ or err.__context__
+    text = " | ".join(chain)
+    assert "checkpoint writer process 0 of" in text and "died" in text, text
+    assert ("out of memory" in text) == (death == "SIGKILL"), text
