@@ -22,9 +22,9 @@ model and global batch (micro-batch 4 per rank, one micro-batch per step), one l
 by step (see ``two_rank_worker``); a row is the median over its measured steps on rank 0.
 Target: ZeRO-1 >= 0.95x megatron DP.
 
-Then the cost of cpu_compat's optimizer_context() (a TorchFunctionMode; in a step only megatron's
-gradient clipping runs inside it) is measured in isolation: clip_grad_norm_ over the plain model's
-parameters, with and without the mode active.
+Then the cost of cpu_compat's optimizer_context() (a TorchFunctionMode, entered around optimizer
+construction only since a step clips without it) is measured in isolation: clip_grad_norm_ over the
+plain model's parameters, with and without the mode active.
 
     .venv/bin/python bench/bench_train.py [--steps 10] [--warmup 3] [--threads 2] [--profile]
 """

@@ -24,5 +24,6 @@ print(f"torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
       f"cuda {torch.cuda.is_available()} "
       f"({torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'})")
 PY
-"$PY" -m pytest -q -m gpu tests/integration/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt"
+"$PY" -m pytest -q -m gpu tests/integration/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt" ||
+    echo "[on_gpu] the gpu tests failed (above); the benchmark runs anyway"
 "$PY" bench/bench_gpu.py "$@" 2>&1 | tee "$OUT/bench_gpu.txt"

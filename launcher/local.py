@@ -177,5 +177,9 @@ def launch_local(nproc: int, argv: list[str], mlflow_run_dir: str | None = None)
     if mlflow_run_dir and code not in (EXIT_OK, EXIT_CHECKPOINTED):
         from gptforge.launcher.mlflow_tracking import end_unfinished
 
-        end_unfinished(mlflow_run_dir, "KILLED" if stop["signum"] else "FAILED")
+        try:
+            end_unfinished(mlflow_run_dir, "KILLED" if stop["signum"] else "FAILED")
+        except Exception as err:  # noqa: BLE001 (the run's own outcome is what counts here)
+            print(f"gptforge: could not end the MLflow run of {mlflow_run_dir}: {err}",
+                  file=sys.stderr, flush=True)
     return code

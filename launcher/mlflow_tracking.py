@@ -331,6 +331,7 @@ def follow(run_dir: Path) -> int:
     def say(text: str) -> None:
         print(f"[gptforge] {text}", file=sys.stderr, flush=True)
 
+    lock = _sender_lock(run_dir, wait_s=float("inf"))  # noqa: F841 (held until this exits)
     state = read_state(run_dir)
     sender = Sender(run_dir, state)
     sent = _read_sent(run_dir)
@@ -386,18 +387,50 @@ def follow(run_dir: Path) -> int:
         _write_atomic(_dir(run_dir) / "sent", str(sent))
 
 
+SENDER_LOCK = "sender.lock"
+
+
+def _sender_lock(run_dir: Path, wait_s: float):
+    """The run dir's one-sender lock (an flock; released when the holder exits or closes it):
+    None if another process holds it after ``wait_s`` seconds."""
+    import fcntl
+
+    _dir(run_dir).mkdir(parents=True, exist_ok=True)
+    lock = (_dir(run_dir) / SENDER_LOCK).open("w")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return lock
+        except OSError:
+            if time.monotonic() >= deadline:
+                lock.close()
+                return None
+            time.sleep(0.1)
+
+
 def _short(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     line = text[0] if text else type(err).__name__
     return (line[:160] + "...") if len(line) > 160 else line
 
 
-def sync(run_dir: str | Path, stream=None) -> tuple[int, int]:
-    """Send a run dir's unsent operations now (``gptforge mlflow sync``); (sent, left)."""
+def sync(run_dir: str | Path, stream=None, wait_s: float = 30.0) -> tuple[int, int]:
+    """Send a run dir's unsent operations now (``gptforge mlflow sync``); (sent, left).
+    Waits up to ``wait_s`` for a sender still at work (one sender at a time: never twice)."""
     run_dir = Path(run_dir)
     state = read_state(run_dir)
     if not state.get("run_uid"):
         return 0, 0
+    lock = _sender_lock(run_dir, wait_s)
+    if lock is None:
+        raise RuntimeError(f"another process is still sending this run's records "
+                           f"({_dir(run_dir) / SENDER_LOCK} is held)")
+    with lock:
+        return _sync_locked(run_dir, state)
+
+
+def _sync_locked(run_dir: Path, state: dict) -> tuple[int, int]:
     sent = _read_sent(run_dir)
     pending = [op for op in read_outbox(run_dir) if op["seq"] > sent]
     sender = Sender(run_dir, state)
@@ -423,21 +456,23 @@ def end_unfinished(run_dir: str | Path, status: str) -> bool:
         return False  # MLflow off, or never started
     ops = read_outbox(run_dir)
     statuses = [op["status"] for op in ops if op["op"] == "status"]
-    if not statuses or statuses[-1] != "RUNNING":
-        return False  # ended by the run itself
-    path = _dir(run_dir) / "outbox.jsonl"
-    seq = max([_read_sent(run_dir), *(op["seq"] for op in ops)]) + 1
-    with path.open("ab") as f:
-        if f.tell() and not path.read_bytes().endswith(b"\n"):
-            f.write(b"\n")  # a line cut off by the crash stays unreadable, ours does not
-        f.write((json.dumps({"seq": seq, "time": time.time(), "op": "status",
-                             "status": status}) + "\n").encode())
-    try:
-        sync(run_dir)
-    except Exception as err:  # noqa: BLE001 (the server is away: the status waits)
-        print(f"[gptforge] MLflow: could not mark the run {status} ({_short(err)}); "
-              f"`gptforge mlflow sync {run_dir}` sends it", file=sys.stderr, flush=True)
-    return True
+    ended_here = bool(statuses) and statuses[-1] == "RUNNING"
+    if ended_here:
+        path = _dir(run_dir) / "outbox.jsonl"
+        seq = max([_read_sent(run_dir), *(op["seq"] for op in ops)]) + 1
+        with path.open("ab") as f:
+            if f.tell() and not path.read_bytes().endswith(b"\n"):
+                f.write(b"\n")  # a line cut off by the crash stays unreadable, ours does not
+            f.write((json.dumps({"seq": seq, "time": time.time(), "op": "status",
+                                 "status": status}) + "\n").encode())
+    # the run's own end (FAILED written by a rank whose sender was then killed) may wait too
+    if any(op["seq"] > _read_sent(run_dir) for op in read_outbox(run_dir)):
+        try:
+            sync(run_dir)
+        except Exception as err:  # noqa: BLE001 (server away, or a sender still at it)
+            print(f"[gptforge] MLflow: records of {run_dir} not sent ({_short(err)}); "
+                  f"`gptforge mlflow sync {run_dir}` sends them", file=sys.stderr, flush=True)
+    return ended_here
 
 
 if __name__ == "__main__":

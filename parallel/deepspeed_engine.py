@@ -33,7 +33,7 @@ from gptforge.parallel.deepspeed_config import CONFIG_FILE, deepspeed_config
 from gptforge.parallel.deepspeed_convert import (TAG, fp32_state_dict, gpt_param_name,
                                                  read_record, write_record)
 from gptforge.parallel.engine import CheckpointError, StepResult
-from gptforge.parallel.optim import adamw_settings, learning_rate
+from gptforge.parallel.optim import adamw_settings, fuse_adamw, learning_rate
 
 FORMAT_VERSION = 1  # of our record beside DeepSpeed's files (deepspeed_convert.RECORD_FILE)
 
@@ -89,6 +89,18 @@ class LossModel(torch.nn.Module):
     def forward(self, tokens, position_ids, attention_mask, labels, loss_mask):
         per_token = self.model(tokens, position_ids, attention_mask, labels=labels)
         return masked_token_loss(per_token, loss_mask)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load through the wrapped model's own ``load_state_dict``. megatron's Float16Module
+        (bf16/fp16) saves its chunk's keys without its own ``module.`` level and loads them the
+        same way, but torch's recursive load would look for ``model.module.*``: a bf16 run could
+        not resume. Keys are ``model.<chunk key>`` in every precision."""
+        inner = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+        extra = sorted(k for k in state_dict if not k.startswith("model."))
+        if strict and extra:
+            raise RuntimeError(f"unexpected keys in the saved module state: {extra[:5]}")
+        result = self.model.load_state_dict(inner, strict=strict)
+        return result if result is not None else torch.nn.modules.module._IncompatibleKeys([], [])
 
 
 def megatron_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -321,9 +333,19 @@ class DeepSpeedEngine:
                                                   load_lr_scheduler_states=True)
             if path is None:
                 raise CheckpointError(f"{directory}: deepspeed found no checkpoint to load")
+            fuse_adamw(self._torch_optimizer())  # the load restored the saved param groups
             return record
         self.load_weights(fp32_state_dict(directory, tp_rank=self.ctx.tp_rank))
         return record
+
+    def _torch_optimizer(self):
+        """The torch AdamW under DeepSpeed's wrappers (ZeRO, bf16/fp16 optimizers)."""
+        opt = self.optimizer
+        while opt is not None and not isinstance(opt, torch.optim.Optimizer):
+            opt = getattr(opt, "optimizer", None)
+        while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
+            opt = opt.optimizer
+        return opt
 
     def _check_saved(self, directory: Path, load_optim: bool) -> dict:
         record = read_record(directory)

@@ -17,7 +17,7 @@ from gptforge.parallel import cpu_compat
 from gptforge.parallel.config import OptimConfig, ParallelConfig, PrecisionConfig
 from gptforge.parallel.context import ParallelContext
 from gptforge.parallel.engine import StepResult
-from gptforge.parallel.optim import lr_decay_iters
+from gptforge.parallel.optim import fuse_adamw, lr_decay_iters
 
 
 def apply_mixed_precision(chunks, tcfg, precision: PrecisionConfig):
@@ -63,24 +63,14 @@ def build_optimizer(chunks, optim: OptimConfig, precision: PrecisionConfig,
 
 
 def apply_fused_adam(optimizer) -> None:
-    """torch's fused AdamW kernel wherever megatron picked torch's AdamW (no TE/apex FusedAdam).
+    """torch's fused AdamW wherever megatron picked torch's AdamW (no TE/apex FusedAdam).
 
     megatron leaves torch's default: a Python loop over params on CPU, ``foreach`` on CUDA.
     The fused kernel does the whole update in one call on both (0.82M params, CPU: 1.64 ms ->
-    0.42 ms per step). Fused keeps Adam's ``step`` as fp32 on the param's device: a state
-    loaded from a checkpoint is moved there, so this is applied again after each load.
+    0.42 ms per step). Applied again after each checkpoint load (``fuse_adamw``).
     """
     for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, torch.optim.Adam):  # torch's AdamW subclasses Adam
-            continue
-        inner.defaults.update(fused=True, foreach=None)
-        for group in inner.param_groups:
-            group.update(fused=True, foreach=None)
-            for param in group["params"]:
-                state = inner.state.get(param)
-                if state and torch.is_tensor(state.get("step")):
-                    state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+        fuse_adamw(getattr(opt, "optimizer", None))
 
 
 def build_scheduler(optimizer, optim: OptimConfig, train_iters: int):

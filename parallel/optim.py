@@ -63,3 +63,24 @@ def learning_rate(step: int, optim: OptimConfig, train_iters: int) -> float:
     else:
         coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
     return optim.min_lr + coeff * (optim.lr - optim.min_lr)
+
+
+def fuse_adamw(optimizer) -> bool:
+    """Switch a torch Adam/AdamW to its fused kernel (one call for every param, CPU and CUDA);
+    False for any other optimizer (TE/apex FusedAdam, DeepSpeed's own). ``load_state_dict``
+    restores the saved param groups, so an engine calls this again after each load: otherwise
+    a checkpoint saved unfused (before this existed) would turn it off for good. Fused keeps
+    Adam's ``step`` as fp32 on the param's device; a loaded one is moved there."""
+    import torch
+
+    if not isinstance(optimizer, torch.optim.Adam):  # torch's AdamW subclasses Adam
+        return False
+    optimizer.defaults.update(fused=True, foreach=None)
+    for group in optimizer.param_groups:
+        group.update(fused=True, foreach=None)
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if state and torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+    return True
+

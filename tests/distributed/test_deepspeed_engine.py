@@ -56,7 +56,7 @@ def run_cases(nproc: int, out_dir: Path, cases: list[dict], timeout: int = 600) 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """One launch of 2 ranks: megatron DP=2, ZeRO 1/2/3 (ZeRO-1/3 save at step 3), both
-    resumed from that save, and bf16 ZeRO-3 with optimizer offload."""
+    resumed from that save, and bf16 ZeRO-3 with optimizer offload, saved and resumed too."""
     out = tmp_path_factory.mktemp("ds2")
     at3 = "--checkpoint.load={dir}/%s/checkpoints/step-0000003"
     layouts = {
@@ -67,7 +67,10 @@ def two_ranks(tmp_path_factory):
         "zero1_resumed": [*DS, "--parallel.zero_stage=1", at3 % "zero1"],
         "zero3_resumed": [*DS, "--parallel.zero_stage=3", at3 % "zero3"],
         "zero3_bf16_offload": [*DS, "--parallel.zero_stage=3", "--precision.dtype=bf16",
-                               "--parallel.offload_optimizer=cpu"],
+                               "--parallel.offload_optimizer=cpu", "--checkpoint.save_interval=3"],
+        "zero3_bf16_offload_resumed": [*DS, "--parallel.zero_stage=3", "--precision.dtype=bf16",
+                                       "--parallel.offload_optimizer=cpu",
+                                       at3 % "zero3_bf16_offload"],
     }
     return out, run_layouts(2, out, layouts, COMMON)
 
@@ -88,7 +91,7 @@ def test_zero_stages_match_megatron_data_parallel(two_ranks):
 
 def test_resume_at_step_3_continues_exactly(two_ranks):
     _, out = two_ranks
-    for stage in ("zero1", "zero3"):
+    for stage in ("zero1", "zero3", "zero3_bf16_offload"):  # bf16: megatron's Float16Module
         whole, resumed = _losses(out[stage]), _losses(out[f"{stage}_resumed"])
         assert sorted(resumed) == [4, 5], f"{stage}: resumed steps {sorted(resumed)}"
         assert_close_losses([resumed[4], resumed[5]], [whole[4], whole[5]], rel=1e-6,

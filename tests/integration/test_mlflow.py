@@ -259,3 +259,24 @@ def test_a_rank_killed_mid_run_leaves_its_mlflow_run_failed_not_running(tmp_path
     from gptforge.launcher.mlflow_tracking import end_unfinished
 
     assert end_unfinished(run_dir, "FAILED") is False
+
+
+def test_an_end_written_but_never_sent_is_sent_by_whoever_outlives_the_ranks(tmp_path):
+    """A rank wrote FAILED into its outbox, then its sender was killed before sending it
+    (the launcher SIGKILLs the ranks' process group): ``end_unfinished`` appends nothing, but
+    sends what waits, so MLflow does not show RUNNING."""
+    from gptforge.launcher.mlflow_tracking import end_unfinished, read_state, write_state
+
+    run_dir = tmp_path / "runs" / "late"
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    write_state(run_dir, {"run_uid": "u1", "tracking_uri": uri, "experiment": "gptforge",
+                          "run_name": "late"})
+    ops = [{"op": "status", "status": "RUNNING"},
+           {"op": "metrics", "step": 1, "values": {"loss": 5.0}},
+           {"op": "status", "status": "FAILED"}]
+    (run_dir / "mlflow" / "outbox.jsonl").write_text("".join(
+        json.dumps({"seq": i + 1, "time": time.time(), **op}) + "\n" for i, op in enumerate(ops)))
+    assert end_unfinished(run_dir, "FAILED") is False  # the run had ended itself
+    c, run = the_run(uri)
+    assert run.info.status == "FAILED" and history(c, run) == {1: 5.0}
+    assert read_state(run_dir)["unsent"] == 0

@@ -67,9 +67,13 @@ def test_a_step_runs_fused_adamw_and_no_torch_function_mode(engine, monkeypatch)
         return original(self, func, types, args, kwargs)
 
     monkeypatch.setattr(cpu_compat._CudaTypeNames, "__torch_function__", counting)
+    fused_calls = []
+    kernel = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_",
+                        lambda *a, **k: (fused_calls.append(1), kernel(*a, **k))[1])
     params = [p.detach().clone() for p in engine.model_chunks[0].parameters()]
     results = [engine.train_step(micro_batches) for _ in range(2)]
-    assert seen == []
+    assert seen == [] and len(fused_calls) >= 2  # the fused kernel did the updates
     assert all(r.grad_norm > 0.05 and not r.skipped for r in results)  # clipped, and stepped
     after = list(engine.model_chunks[0].parameters())
     assert any(not torch.equal(a, b) for a, b in zip(params, after))
@@ -117,3 +121,22 @@ def test_a_dead_checkpoint_writer_fails_the_save_instead_of_hanging(engine, tmp_
     text = " | ".join(chain)
     assert "checkpoint writer process 0 of" in text and "died" in text, text
     assert ("out of memory" in text) == (death == "SIGKILL"), text
+
+
+def test_fused_survives_loading_a_checkpoint_saved_unfused(engine, tmp_path, monkeypatch):
+    """A checkpoint from before fused AdamW (param groups saved with fused=None): loading it
+    restores those groups, and the engine must switch fused on again."""
+    engine, micro_batches = engine
+    engine.train_step(micro_batches)
+    inner = [o.optimizer for o in engine.optimizer.chained_optimizers]
+    for opt in inner:
+        for group in opt.param_groups:
+            group["fused"] = None
+    engine.save(tmp_path / "old")
+    engine.load(tmp_path / "old")
+    assert all(g["fused"] for opt in inner for g in opt.param_groups)
+    fused_calls = []
+    kernel = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_",
+                        lambda *a, **k: (fused_calls.append(1), kernel(*a, **k))[1])
+    assert not engine.train_step(micro_batches).skipped and fused_calls
