@@ -162,8 +162,9 @@ def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_
     attr = "decoupled_grad" if use_decoupled_grad else "grad"
     grads = [to_local_if_dtensor(grad).detach() for param in parameters
              if (grad := getattr(param, attr, None)) is not None]
+    allowed = (torch.float32, torch.bfloat16) if use_decoupled_grad else (torch.float32,)
     for grad in grads:
-        if grad.dtype not in (torch.float32, torch.bfloat16 if use_decoupled_grad else None):
+        if grad.dtype not in allowed:
             raise TypeError(f"gradient clipping expects fp32 main grads, got {grad.dtype}")
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if clip_coeff < 1.0 and grads:

@@ -343,8 +343,6 @@ class DeepSpeedEngine:
         opt = self.optimizer
         while opt is not None and not isinstance(opt, torch.optim.Optimizer):
             opt = getattr(opt, "optimizer", None)
-        while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
-            opt = opt.optimizer
         return opt
 
     def _check_saved(self, directory: Path, load_optim: bool) -> dict:

@@ -179,23 +179,20 @@ def _write_preloaded_data_multiproc(transform_list, use_msc, rank, write_buckets
         proc.start()
     written: dict = {}
     outcome = None
+    suspect = None  # a writer found exited without a result at the last timeout
     while len(written) < len(procs) and outcome is None:
         try:
             index, result = results.get(timeout=WRITER_POLL_S)
         except Empty:
             dead = [i for i, p in enumerate(procs) if p.exitcode is not None and i not in written]
-            if dead:  # exited and yet no result: read once more, then it is lost
-                try:
-                    index, result = results.get(timeout=WRITER_POLL_S)
-                except Empty:
-                    code = procs[dead[0]].exitcode
-                    outcome = RuntimeError(
-                        f"rank {rank}: checkpoint writer process {dead[0]} of {len(procs)} died "
-                        f"(exit code {code}{', killed: out of memory?' if code < 0 else ''}) "
-                        f"before writing its file; see its traceback above, if any")
-                    break
-            else:
-                continue
+            if dead and dead[0] == suspect:  # still no result a poll later: it is lost
+                code = procs[suspect].exitcode
+                outcome = RuntimeError(
+                    f"rank {rank}: checkpoint writer process {suspect} of {len(procs)} died "
+                    f"(exit code {code}{', killed: out of memory?' if code < 0 else ''}) "
+                    f"before writing its file; see its traceback above, if any")
+            suspect = dead[0] if dead else None
+            continue
         if isinstance(result, Exception):
             outcome = result
         else:
