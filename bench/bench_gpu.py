@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import shlex
 import statistics
@@ -38,8 +37,9 @@ import warnings
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+# bench_train.py's model (this script's folder is on sys.path when it runs): pre-LN, GELU MLP,
+# learned positions, tied embeddings, biases, SDPA causal attention, nanoGPT's init
+from bench_train import PlainGPT  # noqa: E402
 
 SHAPES = {  # name: model fields, default micro-batch size
     "gpt2-124m": (dict(num_layers=12, hidden_size=768, num_attention_heads=12, seq_length=1024,
@@ -53,42 +53,6 @@ LR, CLIP, SEED = 3e-4, 1.0, 1234
 
 
 # --------------------------------------------------------------------------- plain PyTorch GPT
-class Block(nn.Module):
-    def __init__(self, h: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(h), nn.LayerNorm(h)
-        self.qkv, self.proj = nn.Linear(h, 3 * h), nn.Linear(h, h)
-        self.fc1, self.fc2 = nn.Linear(h, 4 * h), nn.Linear(4 * h, h)
-
-    def forward(self, x):
-        b, s, h = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, h // self.heads).unbind(2)
-        a = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
-                                           is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, s, h))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
-class PlainGPT(nn.Module):
-    def __init__(self, vocab: int, h: int, heads: int, layers: int, seq: int):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, h), nn.Embedding(seq, h)
-        self.blocks = nn.ModuleList(Block(h, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(h)
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                scaled = name.endswith(("proj.weight", "fc2.weight"))
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers) if scaled else 0.02)
-
-    def forward(self, tokens, position_ids, labels):
-        x = self.wte(tokens) + self.wpe(position_ids)
-        for block in self.blocks:
-            x = block(x)
-        logits = F.linear(self.ln_f(x), self.wte.weight)
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), labels.reshape(-1))
-
-
 def mock_batches(model_fields: dict, micro_batch_size: int):
     from gptforge.data.mock import MockBatches  # the very batches gptforge trains on
 
