@@ -31,6 +31,12 @@ def run_layouts(nproc: int, out_dir: Path, layouts: dict[str, list[str]], common
     return {name: json.loads((out_dir / f"{name}.json").read_text()) for name in layouts}
 
 
+def child_pids(pid: int) -> list[int]:
+    """The PIDs of ``pid``'s children (the ranks under a launcher)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -17,7 +17,7 @@ import pytest
 
 from gptforge.data import tokenizer
 from gptforge.data.synthetic import write_text_corpus, write_token_dataset
-from tests.conftest import ROOT, TINY, metrics
+from tests.conftest import ROOT, TINY, child_pids, metrics
 
 GPTFORGE = str(Path(sys.executable).parent / "gptforge")
 BUILDING = "[gptforge] building the model"
@@ -194,11 +194,6 @@ def test_a_second_identical_run_is_refused_and_overwrite_starts_fresh(tmp_path):
 # ------------------------------------------------------------------ signals
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -221,7 +216,7 @@ def _start_long_run(tmp_path):
             break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
-    ranks = _children(proc.pid)
+    ranks = child_pids(proc.pid)
     assert len(ranks) == 2
     return proc, ranks
 

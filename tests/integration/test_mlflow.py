@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, metrics, train_losses
+from tests.conftest import TINY, child_pids, metrics, train_losses
 from tests.services import GPTFORGE, clean_env, gptforge, mlflow_server
 
 pytestmark = pytest.mark.slow
@@ -242,11 +243,8 @@ def test_a_rank_killed_mid_run_leaves_its_mlflow_run_failed_not_running(tmp_path
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
     try:
         wait_for(lambda: logged_steps(run_dir) >= 3 or proc.poll() is not None, what="3 steps")
-        ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)],
-                                                capture_output=True, text=True).stdout.split()]
+        ranks = child_pids(proc.pid)
         assert len(ranks) == 2, ranks
-        import os
-
         os.kill(sorted(ranks)[killed_rank], signal.SIGKILL)
         out, err = proc.communicate(timeout=120)
     finally:

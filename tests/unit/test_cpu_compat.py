@@ -31,6 +31,15 @@ def engine():
         destroy_parallel()
 
 
+@pytest.fixture()
+def fused_calls(monkeypatch) -> list:
+    """One entry per call of torch's fused AdamW kernel from here on."""
+    calls, kernel = [], torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_",
+                        lambda *a, **k: (calls.append(1), kernel(*a, **k))[1])
+    return calls
+
+
 def test_clip_equals_megatrons_bitwise():
     from megatron.core.optimizer import clip_grads
 
@@ -55,7 +64,7 @@ def test_clip_equals_megatrons_bitwise():
         cpu_compat.clip_grad_by_total_norm_cpu([half], 1.0, 10.0)
 
 
-def test_a_step_runs_fused_adamw_and_no_torch_function_mode(engine, monkeypatch):
+def test_a_step_runs_fused_adamw_and_no_torch_function_mode(engine, monkeypatch, fused_calls):
     engine, micro_batches = engine
     inner = [o.optimizer for o in engine.optimizer.chained_optimizers]
     assert inner and all(g["fused"] for opt in inner for g in opt.param_groups)
@@ -67,10 +76,6 @@ def test_a_step_runs_fused_adamw_and_no_torch_function_mode(engine, monkeypatch)
         return original(self, func, types, args, kwargs)
 
     monkeypatch.setattr(cpu_compat._CudaTypeNames, "__torch_function__", counting)
-    fused_calls = []
-    kernel = torch._fused_adamw_
-    monkeypatch.setattr(torch, "_fused_adamw_",
-                        lambda *a, **k: (fused_calls.append(1), kernel(*a, **k))[1])
     params = [p.detach().clone() for p in engine.model_chunks[0].parameters()]
     results = [engine.train_step(micro_batches) for _ in range(2)]
     assert seen == [] and len(fused_calls) >= 2  # the fused kernel did the updates
@@ -123,7 +128,7 @@ def test_a_dead_checkpoint_writer_fails_the_save_instead_of_hanging(engine, tmp_
     assert ("out of memory" in text) == (death == "SIGKILL"), text
 
 
-def test_fused_survives_loading_a_checkpoint_saved_unfused(engine, tmp_path, monkeypatch):
+def test_fused_survives_loading_a_checkpoint_saved_unfused(engine, tmp_path, fused_calls):
     """A checkpoint from before fused AdamW (param groups saved with fused=None): loading it
     restores those groups, and the engine must switch fused on again."""
     engine, micro_batches = engine
@@ -135,8 +140,5 @@ def test_fused_survives_loading_a_checkpoint_saved_unfused(engine, tmp_path, mon
     engine.save(tmp_path / "old")
     engine.load(tmp_path / "old")
     assert all(g["fused"] for opt in inner for g in opt.param_groups)
-    fused_calls = []
-    kernel = torch._fused_adamw_
-    monkeypatch.setattr(torch, "_fused_adamw_",
-                        lambda *a, **k: (fused_calls.append(1), kernel(*a, **k))[1])
+    fused_calls.clear()  # the step before the save counted too
     assert not engine.train_step(micro_batches).skipped and fused_calls
