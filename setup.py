@@ -1,15 +1,26 @@
 """gptforge: the repository's folders install as one namespace, ``gptforge.<part>``."""
 
+from pathlib import Path
+
 from setuptools import setup
 
-PARTS = ["launcher", "model", "data", "parallel", "slurm"]
+PARTS = ["common", "launcher", "model", "data", "parallel", "slurm"]
+HERE = Path(__file__).resolve().parent
+
+
+def packages(part: str) -> list[str]:
+    """``gptforge.<part>`` and every sub-package under it (folders with an ``__init__.py``)."""
+    return sorted("gptforge." + ".".join(init.parent.relative_to(HERE).parts)
+                  for init in (HERE / part).rglob("__init__.py"))
+
 
 setup(
     name="gptforge",
     version="0.1.0",
     description="Distributed GPT training on megatron-core and DeepSpeed",
     python_requires=">=3.11",
-    packages=[f"gptforge.{p}" for p in PARTS],  # gptforge itself is a namespace package
+    # gptforge itself is a namespace package
+    packages=[name for part in PARTS for name in packages(part)],
     package_dir={f"gptforge.{p}": p for p in PARTS},
     package_data={"gptforge.slurm": ["*.tmpl", "*.sh"]},
     install_requires=[
@@ -27,5 +38,5 @@ setup(
         "psutil",  # megatron-core's checkpoint writer processes need it (an extra upstream)
     ],
     extras_require={"test": ["pytest>=8", "ruff"]},
-    entry_points={"console_scripts": ["gptforge=gptforge.launcher.cli:main"]},
+    entry_points={"console_scripts": ["gptforge=gptforge.launcher.cli.main:main"]},
 )

@@ -1,4 +1,4 @@
-"""Checkpoint save/load speed of gptforge.parallel.megatron_checkpoint on CPU (gloo).
+"""Checkpoint save/load speed of gptforge.parallel.megatron.checkpoint on CPU (gloo).
 
 A benchmark, not a test. A ~110M-parameter GPT (12 layers, h=768, 12 heads, vocab 32000,
 seq 512, fp32) with Adam state after one training step, on 2 ranks (default DP=2 with the
@@ -43,8 +43,8 @@ LAYOUTS = {"dp2-distopt": ["--parallel.use_distributed_optimizer=true"],
 def build(overrides: list[str]):
     """Config overrides → process groups → engine and batches (adapt here when train.py moves)."""
     from gptforge.launcher.config import load_config, validate
-    from gptforge.launcher.train import build_batches, build_engine
-    from gptforge.parallel import megatron_fixes
+    from gptforge.launcher.run.entry import build_batches, build_engine
+    from gptforge.parallel.megatron import fixes as megatron_fixes
     from gptforge.parallel.context import init_parallel, world_size_from_env
     from gptforge.parallel.seeding import set_seed
 
@@ -100,7 +100,7 @@ def main() -> None:
     import torch
     import torch.distributed as dist
 
-    from gptforge.parallel import megatron_checkpoint as mc
+    from gptforge.parallel.megatron import checkpoint as mc
     from gptforge.parallel.context import destroy_parallel
 
     parser = argparse.ArgumentParser()

@@ -43,7 +43,7 @@ def best_time(fn, repeats: int) -> tuple[float, list]:
 def bench(folder: Path, batch: int, args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from gptforge.launcher.inference import load_hf, one_process
+    from gptforge.launcher.modelio.inference import load_hf, one_process
     from gptforge.model.generate import generate_batch
 
     gen = torch.Generator().manual_seed(batch)

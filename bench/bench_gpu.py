@@ -2,7 +2,7 @@
 
 A benchmark, not a test. For each shape, in one process, one after the other:
 
-  gptforge   ``gptforge.launcher.train.run(cfg)`` as ``gptforge train`` runs it (megatron-core
+  gptforge   ``gptforge.launcher.run.entry.run(cfg)`` as ``gptforge train`` runs it (megatron-core
              GPTModel, megatron DDP buffers, megatron optimizer with fused AdamW, bf16 with fp32
              master weights); its own records give the step times.
   plain      a nanoGPT-style model: SDPA causal attention, ``torch.compile``, bf16 autocast over
@@ -95,7 +95,7 @@ def run_plain(model_fields: dict, padded_vocab: int, micro_batch_size: int, args
 # --------------------------------------------------------------------------- gptforge
 def run_gptforge(model_fields: dict, micro_batch_size: int, args) -> dict:
     from gptforge.launcher.config import load_config
-    from gptforge.launcher.train import run
+    from gptforge.launcher.run.entry import run
     from gptforge.parallel.context import destroy_parallel
 
     with tempfile.TemporaryDirectory(prefix="gptforge-bench-gpu-") as run_dir:
@@ -135,7 +135,7 @@ def peak_memory_gib(device: str) -> float | None:
 
 
 def measure(shape: str, args) -> list[dict]:
-    from gptforge.launcher.throughput import peak_tflops_per_device
+    from gptforge.launcher.run.throughput import peak_tflops_per_device
     from gptforge.model.config import ModelConfig
     from gptforge.model.flops import flops_per_token
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gptforge.launcher.metrics import LoggingConfig, MetricsSink
+from gptforge.launcher.run.metrics import LoggingConfig, MetricsSink
 
 
 def record(step: int) -> dict:
@@ -50,7 +50,7 @@ def bench(name: str, uri: str | None, records: int, root: Path) -> tuple:
     t = time.perf_counter()
     sink.close("FINISHED", report=False)
     close_s = time.perf_counter() - t
-    from gptforge.launcher.mlflow_tracking import read_state
+    from gptforge.launcher.tracking.mlflow_run import read_state
 
     unsent = read_state(run_dir).get("unsent", 0) if uri is not None else "-"
     us = [x * 1e6 for x in times]

@@ -4,7 +4,7 @@ A benchmark, not a test. One process, one rank, CPU, fp32. Rows:
 
   plain      a hand-written eager GPT (same shapes, pre-LN, GELU 4h MLP, learned positions, tied
              embeddings, biases, SDPA causal attention) with torch.optim.AdamW + clip_grad_norm_.
-  gptforge   ``gptforge.launcher.train.run(cfg)`` exactly as the launcher runs it (megatron-core
+  gptforge   ``gptforge.launcher.run.entry.run(cfg)`` exactly as the launcher runs it (megatron-core
              GPTModel, megatron DDP grad buffers, megatron optimizer + clipping, LR scheduler),
              once with the default attention backend (auto -> SDPA on CPU) and once with
              megatron's unfused "local" attention.
@@ -149,9 +149,9 @@ def gptforge_overrides(backend: str, iters: int, run_dir: str) -> list[str]:
 
 
 def run_gptforge(backend: str, warmup: int, steps: int, profile: bool = False):
-    """gptforge.launcher.train.run(cfg) unchanged; build_engine is wrapped only to note the
+    """gptforge.launcher.run.entry.run(cfg) unchanged; build_engine is wrapped only to note the
     engine (parameter count) and time its forward/backward and optimizer step per step."""
-    import gptforge.launcher.train as gtrain
+    import gptforge.launcher.run.entry as gtrain
     from gptforge.launcher.config import load_config
 
     seen: dict = {"fb": [], "opt": []}
@@ -219,7 +219,7 @@ def two_rank_worker(spec_path: str) -> None:
     import json
 
     from gptforge.launcher.config import load_config, validate
-    from gptforge.launcher.train import build_batches, build_engine
+    from gptforge.launcher.run.entry import build_batches, build_engine
     from gptforge.parallel.context import destroy_parallel, init_parallel, world_size_from_env
     from gptforge.parallel.seeding import set_seed
 
@@ -283,7 +283,7 @@ def run_two_ranks(warmup: int, steps: int) -> dict:
 # --------------------------------------------------------------------------- cpu_compat cost
 def compat_overhead(model: nn.Module, reps: int) -> tuple[float, float]:
     """ms per clip_grad_norm_ without / with cpu_compat's TorchFunctionMode."""
-    from gptforge.parallel import cpu_compat
+    from gptforge.parallel.megatron import cpu_compat
 
     cpu_compat.apply()
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ for part in launcher model data parallel slurm; do
 done
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" - <<'PY'
-import torch, megatron.core, gptforge.launcher.train  # noqa: F401  (fails here, not later)
+import torch, megatron.core, gptforge.launcher.run.entry  # noqa: F401  (fails here, not later)
 print(f"torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
       f"cuda {torch.cuda.is_available()} "
       f"({torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'})")

@@ -1,7 +1,7 @@
 """The run configuration: typed dataclasses are the schema and hold every default.
 
 Each section lives with the component that reads it (``model/config.py``, ``parallel/config.py``,
-``data/config.py``, ``launcher/trainer.py``, ...); this module composes them, loads YAML deltas
+``data/config.py``, ``launcher/run/loop.py``, ...); this module composes them, loads YAML deltas
 left to right, applies dotted CLI overrides (``--optim.lr=3e-4``) and validates. Unknown keys,
 wrong types and inconsistent values fail here, before any process group exists, with an error
 that names the key. Each component is handed only its own section.
@@ -19,14 +19,14 @@ from typing import Any, Literal
 import yaml
 
 from gptforge.data.config import DataConfig
-from gptforge.launcher.checkpoint import CheckpointConfig, validate_checkpoint_config
-from gptforge.launcher.metrics import LoggingConfig
+from gptforge.launcher.run.checkpoint.format import CheckpointConfig, validate_checkpoint_config
+from gptforge.launcher.run.metrics import LoggingConfig
 from gptforge.launcher.rundir import RunConfig
-from gptforge.launcher.trainer import TrainConfig
+from gptforge.launcher.run.loop import TrainConfig
 from gptforge.model.config import ModelConfig, ModelConfigError, num_query_groups, validate_model
 from gptforge.model.generate import SampleConfig
 from gptforge.parallel.config import ConfigError, OptimConfig, ParallelConfig, PrecisionConfig
-from gptforge.parallel.deepspeed_config import check_engine
+from gptforge.parallel.deepspeed.config import check_engine
 from gptforge.parallel.engine import ENGINES
 from gptforge.parallel.layout import Layout, derive_layout
 from gptforge.parallel.optim import validate_optim

@@ -1,6 +1,6 @@
 """``gptforge train --nproc-per-node N``: N local ranks, supervised by this process.
 
-The ranks run ``python -m gptforge.launcher.train`` with the torchrun-style environment (RANK,
+The ranks run ``python -m gptforge.launcher.run`` with the torchrun-style environment (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) in one process group of their own, so that:
 
 - SIGINT, SIGTERM and SIGUSR1 sent to this process are forwarded to every rank (each stops at
@@ -55,7 +55,7 @@ class RankGroup:
     def __init__(self, nproc: int, argv: list[str]):
         self.error_dir = tempfile.mkdtemp(prefix="gptforge-errors-")
         port = free_port()
-        cmd = [sys.executable, "-m", "gptforge.launcher.train", *argv]
+        cmd = [sys.executable, "-m", "gptforge.launcher.run", *argv]
         self.procs: list[subprocess.Popen] = []
         for rank in range(nproc):
             group = {"process_group": 0 if rank == 0 else self.procs[0].pid}
@@ -153,7 +153,7 @@ def _supervise(group: RankGroup, stop: dict) -> int:
 
 
 def launch_local(nproc: int, argv: list[str], mlflow_run_dir: str | None = None) -> int:
-    """Run ``nproc`` ranks of ``gptforge.launcher.train argv``; forward signals; return a code.
+    """Run ``nproc`` ranks of ``gptforge.launcher.run.entry argv``; forward signals; return a code.
     ``mlflow_run_dir``: the run dir of a run logging to MLflow, whose MLflow run is ended
     FAILED (or KILLED) here when the ranks could not end it themselves."""
     stop = {"count": 0, "signum": None}
@@ -175,7 +175,7 @@ def launch_local(nproc: int, argv: list[str], mlflow_run_dir: str | None = None)
             signal.signal(sig, handler)
         group.cleanup()
     if mlflow_run_dir and code not in (EXIT_OK, EXIT_CHECKPOINTED):
-        from gptforge.launcher.mlflow_tracking import end_unfinished
+        from gptforge.launcher.tracking.mlflow_run import end_unfinished
 
         try:
             end_unfinished(mlflow_run_dir, "KILLED" if stop["signum"] else "FAILED")

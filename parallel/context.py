@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gptforge.parallel import cpu_compat
+from gptforge.parallel.megatron import cpu_compat
 
 
 class LaunchError(RuntimeError):

@@ -45,8 +45,8 @@ class Engine(Protocol):
 
 
 # name -> "module:Class"; imported only when chosen.
-ENGINES = {"megatron": "gptforge.parallel.megatron_engine:MegatronEngine",
-           "deepspeed": "gptforge.parallel.deepspeed_engine:DeepSpeedEngine"}
+ENGINES = {"megatron": "gptforge.parallel.megatron.engine:MegatronEngine",
+           "deepspeed": "gptforge.parallel.deepspeed.engine:DeepSpeedEngine"}
 
 
 # What an engine's constructor takes beyond the common arguments, by name; the launcher offers

@@ -207,7 +207,7 @@ def _launch_line(spec: JobSpec) -> tuple[str, str, str]:
         # each task execs the rank with LOCAL_RANK = its SLURM_LOCALID (DeepSpeed asks for it)
         return (f'{srun} --ntasks-per-node={spec.tasks_per_node} bash -c '
                 f'\'LOCAL_RANK="$SLURM_LOCALID" exec "$@"\' rank "$PYTHON" -m '
-                f'gptforge.launcher.train --config "$CONFIG"', "", "")
+                f'gptforge.launcher.run.entry --config "$CONFIG"', "", "")
     if spec.launcher == "torchrun":
         sig = f"SIG{spec.signal}"
         cmd = (f'{srun} --ntasks-per-node=1 "$PYTHON" -m torch.distributed.run '
@@ -215,7 +215,7 @@ def _launch_line(spec: JobSpec) -> tuple[str, str, str]:
                f'--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" '
                f'--rdzv-id="$SLURM_JOB_ID" --signals-to-handle={sig},SIGTERM,SIGINT '
                f'--shutdown-timeout={spec.shutdown_timeout_s} '
-               f'-m gptforge.launcher.train --config "$CONFIG"')
+               f'-m gptforge.launcher.run --config "$CONFIG"')
         fwd = f'; kill -{spec.signal} "$CHILD" 2>/dev/null'
         return cmd, fwd, '; kill -TERM "$CHILD" 2>/dev/null'
     gptforge = str(Path(spec.python).parent / "gptforge")

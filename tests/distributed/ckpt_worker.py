@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 
 from gptforge.launcher.config import load_config, validate
-from gptforge.launcher.train import build_batches, build_engine
-from gptforge.parallel import megatron_checkpoint as mc
-from gptforge.parallel import megatron_fixes
+from gptforge.launcher.run.entry import build_batches, build_engine
+from gptforge.parallel.megatron import checkpoint as mc
+from gptforge.parallel.megatron import fixes as megatron_fixes
 from gptforge.parallel.context import (destroy_model_parallel, destroy_parallel, init_parallel,
                                        world_size_from_env)
 from gptforge.parallel.seeding import set_seed

@@ -8,7 +8,7 @@ argv[1]: a JSON file {"cases": [{"name", "kind", ...}]}; rank 0 writes <its dir>
   first (cpu_compat cannot be undone).
 - memory: the peak model-state bytes of this rank during its second step for one ZeRO stage
   (and offload): every distinct storage the engine holds (``engine_state_bytes``), counted after
-  each backward and just before the update; with the formula of ``parallel/zero_memory.py``.
+  each backward and just before the update; with the formula of ``parallel/plan/zero_memory.py``.
 - eval_converted: a one-process-per-rank megatron engine loads a converted (weights-only)
   checkpoint through the Checkpointer and evaluates; also the errors for load_optim=true and for
   a deepspeed checkpoint given to the megatron engine.
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from gptforge.launcher.config import load_config, to_dict, validate
-from gptforge.launcher.train import build_batches, build_engine
+from gptforge.launcher.run.entry import build_batches, build_engine
 from gptforge.parallel.context import (destroy_model_parallel, destroy_parallel, init_parallel,
                                        world_size_from_env)
 from gptforge.parallel.engine import CheckpointError
@@ -38,7 +38,7 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 def _plain_zero2_losses(steps: int = 4) -> list[float]:
-    from gptforge.parallel.deepspeed_compat import import_deepspeed
+    from gptforge.parallel.deepspeed.compat import import_deepspeed
 
     deepspeed = import_deepspeed()
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def _plain_zero2_losses(steps: int = 4) -> list[float]:
 
 
 def case_cpu_compat(case: dict) -> dict:
-    from gptforge.parallel import cpu_compat
+    from gptforge.parallel.megatron import cpu_compat
     from gptforge.parallel.context import init_distributed
 
     init_distributed("gloo")
@@ -143,7 +143,7 @@ def engine_state_bytes(engine) -> dict[str, int]:
 def case_memory(case: dict) -> dict:
     """Peak model-state bytes of this rank during its second step (Adam's moments exist):
     after every backward and just before the update, the largest."""
-    from gptforge.parallel.zero_memory import model_state_bytes
+    from gptforge.parallel.plan.zero_memory import model_state_bytes
 
     cfg = load_config([TINY], case["overrides"])
     layout = validate(cfg, world_size_from_env())
@@ -193,8 +193,8 @@ class _NoStop:
 
 
 def case_eval_converted(case: dict) -> dict:
-    from gptforge.launcher.checkpointer import Checkpointer
-    from gptforge.launcher.trainer import evaluate
+    from gptforge.launcher.run.checkpoint.checkpointer import Checkpointer
+    from gptforge.launcher.run.loop import evaluate
 
     cfg = load_config([TINY], case["overrides"])
     layout = validate(cfg, world_size_from_env())

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from gptforge.launcher.config import load_config
-from gptforge.launcher.train import run
+from gptforge.launcher.run.entry import run
 from gptforge.parallel.context import destroy_parallel
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from gptforge.launcher.config import ConfigError, load_config, validate
-from gptforge.launcher.launch_cli import LaunchConfigError, read_hostfile, trim
-from gptforge.parallel.deepspeed_config import bucket_elements, deepspeed_config
+from gptforge.launcher.cli.launch import LaunchConfigError, read_hostfile, trim
+from gptforge.parallel.deepspeed.config import bucket_elements, deepspeed_config
 from tests.conftest import TINY
 
 DS = ["--parallel.engine=deepspeed"]

@@ -3,8 +3,8 @@
 Both engines build the same GPTModel from the seed and read the same mock batches, so ZeRO 1/2/3
 must reproduce megatron DDP's losses step for step (fp32); a resumed run must continue exactly;
 a ZeRO-3 checkpoint converted by ``gptforge convert zero-to-fp32`` must evaluate the same in the
-megatron engine; model-state memory per rank must follow ``parallel/zero_memory.py``; and
-``parallel/cpu_compat.py`` (megatron's CPU layer) must not change a DeepSpeed run.
+megatron engine; model-state memory per rank must follow ``parallel/plan/zero_memory.py``; and
+``parallel/megatron/cpu_compat.py`` (megatron's CPU layer) must not change a DeepSpeed run.
 """
 
 from __future__ import annotations

@@ -39,9 +39,9 @@ import yaml
 
 from gptforge.launcher.config import load_config
 from gptforge.parallel.context import free_port
-from gptforge.parallel.plan import Candidate, PlanRequest, derive, rank_memory
-from gptforge.parallel.plan_clusters import CLUSTERS
-from gptforge.parallel.plan_params import RankShape, meta_rank_param_count, rank_param_count
+from gptforge.parallel.plan.planner import Candidate, PlanRequest, derive, rank_memory
+from gptforge.parallel.plan.clusters import CLUSTERS
+from gptforge.parallel.plan.params import RankShape, meta_rank_param_count, rank_param_count
 from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.slow  # several real processes
@@ -153,13 +153,13 @@ def test_meta_device_counts_equal_the_real_build_on_every_rank(measured):
 def test_emitted_config_trains_unchanged(tmp_path, capsys):
     """``gptforge plan --emit-config`` for the tiny preset on 2 CPU ranks, then ``gptforge train
     --config`` with that file as it is."""
-    from gptforge.launcher.cli import main
+    from gptforge.launcher.cli.main import main
 
     assert main(["plan", "--model", "tiny", "--gpu", "cpu", "--nodes", "1", "--gpus-per-node", "2",
                  "--emit-config", str(tmp_path / "plan.yaml")]) == 0
     assert "wrote" in capsys.readouterr().out
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "gptforge.launcher.cli", "train", "--config",
+    proc = subprocess.run([sys.executable, "-m", "gptforge.launcher.cli.main", "train", "--config",
                            "plan.yaml", "--nproc-per-node", "2"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -36,7 +36,7 @@ def test_full_and_selective_recompute_give_the_same_gradients(tmp_path):
 
 
 def _train(run_dir, *overrides):
-    _run("-m", "gptforge.launcher.train", "--config", str(TINY), f"--run.dir={run_dir}",
+    _run("-m", "gptforge.launcher.run", "--config", str(TINY), f"--run.dir={run_dir}",
          "--train.eval_interval=0", *overrides)
     return metrics(run_dir)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gptforge.launcher.cli import main
+from gptforge.launcher.cli.main import main
 from tests import hf_models
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from gptforge.data.synthetic import write_token_dataset
-from gptforge.launcher import checkpoint as ck
+from gptforge.launcher.run.checkpoint import format as ck
 from tests.conftest import ROOT, TINY, metrics
 
 GPTFORGE = str(Path(sys.executable).parent / "gptforge")

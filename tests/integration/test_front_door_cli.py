@@ -260,7 +260,7 @@ def test_a_stop_signal_during_rank_start_up_stops_after_the_first_step(tmp_path)
     megatron must not kill it: the rank trains one step, checkpoints it and exits 75."""
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gptforge.launcher.train", "--config", str(TINY),
+        [sys.executable, "-m", "gptforge.launcher.run", "--config", str(TINY),
          f"--run.dir={run_dir}", "--train.train_iters=100000", "--train.eval_interval=0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -285,7 +285,7 @@ def test_master_addr_is_required_for_a_multi_node_rank(tmp_path):
     env = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_PORT": "29999"}
     env_all = {**os.environ, **env, "PYTHONWARNINGS": "ignore"}
     env_all.pop("MASTER_ADDR", None)
-    proc = subprocess.run([sys.executable, "-m", "gptforge.launcher.train", "--config", str(TINY),
+    proc = subprocess.run([sys.executable, "-m", "gptforge.launcher.run", "--config", str(TINY),
                            "--run.dir", str(tmp_path), "--parallel.tensor_model_parallel_size=4"],
                           capture_output=True, text=True, cwd=ROOT, env=env_all, timeout=120)
     assert_one_line_error(proc, "MASTER_ADDR", "multi-node", "rank 0")

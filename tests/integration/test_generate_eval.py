@@ -9,7 +9,7 @@ import math
 import pytest
 
 from gptforge.data import tokenizer
-from gptforge.launcher.cli import main
+from gptforge.launcher.cli.main import main
 from tests import hf_models
 
 PROMPTS = ["def main(", "import os\nimport sys\n\nclass Config", "x"]

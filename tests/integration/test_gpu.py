@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 def test_bf16_training_on_one_gpu_lowers_the_loss(tmp_path):
     import torch
 
-    from gptforge.launcher.train import run
+    from gptforge.launcher.run.entry import run
 
     cfg = load_config([TINY], ["--precision.dtype=bf16", "--train.train_iters=30",
                                "--train.eval_interval=0", f"--run.dir={tmp_path}"])

@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptforge.launcher.cli import main
-from gptforge.launcher.inference import load_checkpoint, load_hf, one_process
+from gptforge.launcher.cli.main import main
+from gptforge.launcher.modelio.inference import load_checkpoint, load_hf, one_process
 from gptforge.parallel.context import free_port
 from tests import hf_models
 from tests.conftest import ROOT, TINY
@@ -130,7 +130,7 @@ def test_export_of_a_model_trained_here(sp_model, corpus, tmp_path):
             "--parallel.pipeline_model_parallel_size=2", "--model.activation=gelu_tanh",
             f"--data.tokenizer_model={sp_model}", "--model.vocab_size=512",
             "--train.train_iters=3", "--train.eval_interval=0"]
-    proc = subprocess.run([sys.executable, "-m", "gptforge.launcher.cli", *args],
+    proc = subprocess.run([sys.executable, "-m", "gptforge.launcher.cli.main", *args],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from gptforge.launcher.cli import main
-from gptforge.launcher.inference import load_checkpoint, one_process
+from gptforge.launcher.cli.main import main
+from gptforge.launcher.modelio.inference import load_checkpoint, one_process
 from tests import hf_models
 from tests.conftest import ROOT, metrics
 
@@ -45,7 +45,7 @@ def test_gpt2_folder_to_finetuned_hf_folder(folders, tmp_path, capsys):
             f"--run.dir={run}", "--train.train_iters=4", "--train.eval_interval=2",
             "--train.eval_iters=1", "--train.micro_batch_size=1", "--train.global_batch_size=2",
             "--optim.lr_warmup_iters=1", "--optim.lr=1e-3"]
-    proc = subprocess.run([sys.executable, "-m", "gptforge.launcher.cli", *args],
+    proc = subprocess.run([sys.executable, "-m", "gptforge.launcher.cli.main", *args],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -15,8 +15,8 @@ import yaml
 
 from gptforge.data import tokenizer
 from gptforge.data.synthetic import write_text_corpus
-from gptforge.launcher.cli import main
-from gptforge.launcher.inference import load_checkpoint, one_process
+from gptforge.launcher.cli.main import main
+from gptforge.launcher.modelio.inference import load_checkpoint, one_process
 from tests import hf_models
 from tests.conftest import TINY, metrics
 
@@ -41,7 +41,7 @@ def test_own_corpus_to_hf_folder_through_the_planners_layout(tmp_path, capsys):
 
     run = tmp_path / "runs" / "m1"
     proc = subprocess.run(
-        [sys.executable, "-m", "gptforge.launcher.cli", "train", "--config", str(TINY),
+        [sys.executable, "-m", "gptforge.launcher.cli.main", "train", "--config", str(TINY),
          str(layout), "--nproc-per-node", "2", "--data.source=webdataset",
          f"--data.sources=[{{path: {shards}}}]", f"--data.tokenizer_model={tok}.model",
          "--model.vocab_size=1000", f"--run.dir={run}", "--train.train_iters=20",

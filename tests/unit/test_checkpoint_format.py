@@ -11,8 +11,8 @@ from gptforge.data.loader import build_loader
 from gptforge.data.mock import MockBatches
 from gptforge.data.synthetic import unique_docs, write_token_dataset
 from gptforge.data.config import DataConfig, DataSourceConfig
-from gptforge.launcher import checkpoint as ck
-from gptforge.launcher.checkpointer import global_loader_state
+from gptforge.launcher.run.checkpoint import format as ck
+from gptforge.launcher.run.checkpoint.checkpointer import global_loader_state
 from tests.unit.test_data_loader import epoch0_tokens_left
 
 

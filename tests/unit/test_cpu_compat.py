@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gptforge.launcher.config import load_config, validate
-from gptforge.parallel import cpu_compat
+from gptforge.parallel.megatron import cpu_compat
 from gptforge.parallel.context import destroy_parallel, init_parallel
 from tests.conftest import TINY
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path 
 
 @pytest.fixture()
 def engine():
-    from gptforge.launcher.train import build_batches, build_engine
+    from gptforge.launcher.run.entry import build_batches, build_engine
     from gptforge.parallel.seeding import set_seed
 
     cfg = load_config([TINY], ["--optim.clip_grad=0.05"])  # small enough to clip every step

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import gptforge.data.prepare as prepare_mod
-from gptforge.data import cli, tokenizer
+from gptforge.data import tokenizer
+from gptforge.launcher.cli import data as cli
 from gptforge.data.config import DataConfig, DataSourceConfig
 from gptforge.data.errors import DataError
 from gptforge.data.loader import build_loader

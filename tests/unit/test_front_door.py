@@ -8,7 +8,7 @@ import typing
 
 import pytest
 
-from gptforge.launcher import cli
+from gptforge.launcher.cli import main as cli
 from gptforge.launcher.config import Config, load_config
 from gptforge.launcher.help import field_docs
 from gptforge.launcher.overrides import parse_train_args

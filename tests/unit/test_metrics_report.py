@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gptforge.launcher.metrics import LoggingConfig, MetricsSink, NullSink, build_sink
-from gptforge.launcher.report import read_series, write_report
+from gptforge.launcher.run.metrics import LoggingConfig, MetricsSink, NullSink, build_sink
+from gptforge.launcher.tracking.report import read_series, write_report
 
 
 def test_sink_without_mlflow_writes_jsonl_and_one_line_per_step(tmp_path):

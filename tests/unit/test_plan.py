@@ -7,18 +7,18 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from gptforge.launcher.cli import main
+from gptforge.launcher.cli.main import main
 from gptforge.launcher.config import load_config
-from gptforge.launcher.plan_cli import CONFIGS, preset_names
+from gptforge.launcher.cli.plan import CONFIGS, preset_names
 from gptforge.model.config import ModelConfig
 from gptforge.parallel.layout import padded_vocab_size
-from gptforge.parallel.plan import PlanRequest, plan
-from gptforge.parallel.plan_clusters import CLUSTERS
-from gptforge.parallel.plan_memory import (ActivationShape, in_flight_chunks,
+from gptforge.parallel.plan.planner import PlanRequest, plan
+from gptforge.parallel.plan.clusters import CLUSTERS
+from gptforge.parallel.plan.memory import (ActivationShape, in_flight_chunks,
                                            layer_activation_bytes)
-from gptforge.parallel.plan_params import (RankShape, meta_rank_param_count, rank_param_count,
+from gptforge.parallel.plan.params import (RankShape, meta_rank_param_count, rank_param_count,
                                            stage_ranks)
-from gptforge.parallel.zero_memory import model_state_bytes, model_state_bytes_megatron
+from gptforge.parallel.plan.zero_memory import model_state_bytes, model_state_bytes_megatron
 
 PSI, N = 1_000_000, 8
 

@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from gptforge.launcher.metrics import LoggingConfig, MetricsSink
-from gptforge.launcher.throughput import flops_per_token, matmul_params_per_layer
-from gptforge.launcher.trainer import Throughput, TrainConfig, evaluate, train
+from gptforge.launcher.run.metrics import LoggingConfig, MetricsSink
+from gptforge.launcher.run.throughput import flops_per_token, matmul_params_per_layer
+from gptforge.launcher.run.loop import Throughput, TrainConfig, evaluate, train
 from gptforge.model.config import ModelConfig
 from gptforge.parallel.engine import StepResult
 

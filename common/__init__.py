@@ -1,0 +1,4 @@
+"""gptforge.common
+
+What every part may import: the user-error base, durable writes, metrics.jsonl, logging.
+"""

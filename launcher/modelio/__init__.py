@@ -1,0 +1,4 @@
+"""gptforge.launcher.modelio
+
+Models outside training: inference loading, Hugging Face folders.
+"""

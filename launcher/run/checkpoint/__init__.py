@@ -1,0 +1,4 @@
+"""gptforge.launcher.run.checkpoint
+
+Checkpoints: the on-disk format, saving, resuming, retention.
+"""

@@ -1,0 +1,127 @@
+"""The one metrics path: console line + <run.dir>/metrics.jsonl + MLflow, on the logging rank only.
+
+Rank filtering happens here, once: ``build_sink`` returns a sink that drops everything on every
+rank but the logging one. MLflow goes through ``launcher/tracking/mlflow_run.py``: records are
+spooled in the run dir and sent by a background thread, so a slow or dead server never holds a
+step up; one MLflow run per run dir, continued by a resumed or requeued run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class LoggingConfig:
+    mlflow: bool = False
+    """Also record params, metrics, tags and artifacts in MLflow (logging rank only)."""
+    mlflow_tracking_uri: str = ""
+    """MLflow tracking URI (http://host:port for a server); empty: an embedded sqlite database
+    next to the runs, sqlite:///<parent of run.dir>/mlflow.db."""
+    experiment_name: str = "gptforge"
+    """MLflow experiment."""
+    mlflow_close_timeout_s: float = 60.0
+    """At the end, wait at most this long for MLflow to take what is left (a dead server: one
+    more attempt); the rest stays spooled in <run.dir>/mlflow/ for `gptforge mlflow sync`."""
+
+
+class NullSink:
+    def log(self, record: dict) -> None:
+        pass
+
+    def log_params(self, params: dict) -> None:
+        pass
+
+    def log_tags(self, tags: dict) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED", artifacts=(), report: bool = True) -> None:
+        pass
+
+
+def _fmt(key: str, value) -> str:
+    if key.endswith("bytes"):
+        return f"mem {value / 2**20:.0f}MiB"
+    if isinstance(value, float):
+        if key in ("lr",):
+            return f"{key} {value:.3e}"
+        return f"{key} {value:.4g}"
+    return f"{key} {value}"
+
+
+class MetricsSink:
+    """Writes each record to metrics.jsonl, prints one line, and forwards to MLflow if enabled."""
+
+    CONSOLE_KEYS = ("loss", "val_loss", "val_ppl", "lr", "grad_norm", "loss_scale",
+                    "tokens_per_s", "tflops_per_device", "mfu", "mem_bytes")
+
+    def __init__(self, run_dir: str | Path, logging_cfg: LoggingConfig, stream=sys.stdout, *,
+                 run_name: str = "", fresh: bool = False, tags: dict | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", buffering=1)
+        self._stream = stream
+        self._close_timeout = logging_cfg.mlflow_close_timeout_s
+        self._mlflow = None
+        if logging_cfg.mlflow:
+            from gptforge.launcher.tracking.mlflow_run import MlflowTracker
+
+            name = run_name or Path(run_dir).resolve().name
+            self._mlflow = MlflowTracker(run_dir, logging_cfg, name, fresh=fresh, stream=stream)
+            self._mlflow.put({"op": "status", "status": "RUNNING"})
+            if tags:
+                self._mlflow.put({"op": "tags", "values": tags})
+            uri = self._mlflow.uri
+            print(f"[gptforge] MLflow: run {name!r} in {uri} (experiment "
+                  f"{logging_cfg.experiment_name!r}); view it: mlflow ui --backend-store-uri "
+                  f"{uri}" if uri.startswith("sqlite:") else
+                  f"[gptforge] MLflow: run {name!r} at {uri} (experiment "
+                  f"{logging_cfg.experiment_name!r})", file=stream, flush=True)
+
+    def log(self, record: dict) -> None:
+        record = {"time": time.time(), **record}
+        self._file.write(json.dumps(record) + "\n")
+        if "event" in record:
+            return  # a marker in metrics.jsonl (restart, stop), not a metric
+        parts = [f"step {record['step']:>6}"] + [_fmt(k, record[k]) for k in self.CONSOLE_KEYS
+                                                 if record.get(k) is not None]
+        if record.get("skipped"):
+            parts.append("SKIPPED (overflow)")
+        print(" | ".join(parts), file=self._stream, flush=True)
+        if self._mlflow is not None:
+            numbers = {k: float(v) for k, v in record.items()
+                       if isinstance(v, (int, float)) and k not in ("step", "time")
+                       and math.isfinite(float(v))}  # bools (skipped) as 0/1
+            self._mlflow.log_metrics(int(record["step"]), numbers, when=record["time"])
+
+    def log_params(self, params: dict) -> None:
+        if self._mlflow is not None:
+            self._mlflow.put({"op": "params", "values": params})
+
+    def log_tags(self, tags: dict) -> None:
+        if self._mlflow is not None:
+            self._mlflow.put({"op": "tags", "values": tags})
+
+    def close(self, status: str = "FINISHED", artifacts=(), report: bool = True) -> None:
+        """``status``: FINISHED, FAILED or KILLED (stopped by a signal; a resumed run sets it
+        RUNNING again). ``artifacts``: (path, artifact dir) pairs logged before the status."""
+        self._file.close()
+        if self._mlflow is not None:
+            for path, artifact_path in artifacts:
+                self._mlflow.put({"op": "artifact", "path": str(path),
+                                  "artifact_path": artifact_path})
+            if report:
+                self._mlflow.put({"op": "report"})
+            self._mlflow.put({"op": "status", "status": status})
+            self._mlflow.close(self._close_timeout)
+            self._mlflow = None
+
+
+def build_sink(run_dir: str, logging_cfg: LoggingConfig, is_logging_rank: bool, **mlflow_run):
+    """``mlflow_run``: run_name, fresh (a new run in this dir: a new MLflow run), tags."""
+    return MetricsSink(run_dir, logging_cfg, **mlflow_run) if is_logging_rank else NullSink()

@@ -1,0 +1,4 @@
+"""gptforge.launcher.tracking
+
+Experiment tracking: the MLflow outbox and sender, the report PNG.
+"""

@@ -1,0 +1,43 @@
+"""How this project imports DeepSpeed: every ``deepspeed`` use in gptforge goes through
+``import_deepspeed()``.
+
+- Where CUDA is absent, DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``; it talks gloo) is
+  chosen up front instead of being guessed with a warning.
+- DeepSpeed's shared-memory all-reduce op is C++ compiled at ``init_distributed`` (50-85 s and
+  ~2 GB of RAM on a fresh machine); only its inference all-reduce uses it, so it is not built.
+- DeepSpeed's INFO logging (config dumps at every initialize) and torch's deprecation warnings
+  for the collectives DeepSpeed calls are off unless ``GPTFORGE_DEBUG`` is set.
+
+``parallel/megatron/cpu_compat.py`` (megatron on a CPU-only torch) changes
+``torch.cuda.current_device``, ``torch.cuda.synchronize`` and ``Tensor.cuda``; DeepSpeed's CPU
+accelerator calls none of them, and tests/distributed/test_deepspeed_engine.py checks that a
+DeepSpeed run is bitwise the same with and without that layer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import warnings
+
+import torch
+
+
+def _debug() -> bool:
+    return os.environ.get("GPTFORGE_DEBUG", "") not in ("", "0")
+
+
+def import_deepspeed():
+    """``import deepspeed`` configured as described above; idempotent."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    # (The module, not the package attribute: ``deepspeed.comm.torch`` is torch itself.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if not _debug():
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=r".*torch\.distributed\..* is deprecated")
+    return deepspeed

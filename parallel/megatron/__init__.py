@@ -1,0 +1,4 @@
+"""gptforge.parallel.megatron
+
+The megatron-core engine, its checkpoints, upstream fixes, CPU compatibility.
+"""

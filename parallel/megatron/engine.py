@@ -1,0 +1,188 @@
+"""Megatron engine: DDP or distributed optimizer, mixed precision, pipeline schedules.
+
+apply_* functions each add one concern to the model chunks; ``MegatronEngine`` runs a step with
+megatron's forward/backward schedule (no pipelining, 1F1B or interleaved, chosen by megatron from
+the parallel state), then megatron's optimizer (grad clipping, loss scaling) and LR scheduler.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from gptforge.model.loss import masked_token_loss
+from gptforge.parallel.megatron import cpu_compat
+from gptforge.parallel.config import OptimConfig, ParallelConfig, PrecisionConfig
+from gptforge.parallel.context import ParallelContext
+from gptforge.parallel.engine import StepResult
+from gptforge.parallel.optim import fuse_adamw, lr_decay_iters
+
+
+def apply_mixed_precision(chunks, tcfg, precision: PrecisionConfig):
+    """bf16/fp16: megatron's Float16Module (norm params stay fp32, outputs come back fp32)."""
+    if precision.dtype == "fp32":
+        return chunks
+    from megatron.core.transformer.module import Float16Module
+
+    return [Float16Module(tcfg, chunk) for chunk in chunks]
+
+
+def apply_data_parallel(chunks, tcfg, use_distributed_optimizer: bool):
+    """megatron DistributedDataParallel: contiguous fp32 grad buffers, reduce after backward."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
+        use_distributed_optimizer=use_distributed_optimizer, check_for_nan_in_grad=False,
+    )
+    return [DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)]
+
+
+def build_optimizer(chunks, optim: OptimConfig, precision: PrecisionConfig,
+                    use_distributed_optimizer: bool):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad, bf16=precision.dtype == "bf16",
+        fp16=precision.dtype == "fp16", params_dtype=precision.torch_dtype,
+        initial_loss_scale=precision.initial_loss_scale,
+        min_loss_scale=precision.min_loss_scale, loss_scale_window=precision.loss_scale_window,
+        hysteresis=precision.loss_scale_hysteresis,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    with cpu_compat.optimizer_context():
+        optimizer = get_megatron_optimizer(config, chunks)
+    apply_fused_adam(optimizer)
+    return optimizer
+
+
+def apply_fused_adam(optimizer) -> None:
+    """torch's fused AdamW wherever megatron picked torch's AdamW (no TE/apex FusedAdam).
+
+    megatron leaves torch's default: a Python loop over params on CPU, ``foreach`` on CUDA.
+    The fused kernel does the whole update in one call on both (0.82M params, CPU: 1.64 ms ->
+    0.42 ms per step). Applied again after each checkpoint load (``fuse_adamw``).
+    """
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        fuse_adamw(getattr(opt, "optimizer", None))
+
+
+def build_scheduler(optimizer, optim: OptimConfig, train_iters: int):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=optim.lr_warmup_iters,
+        lr_decay_steps=lr_decay_iters(optim, train_iters),
+        lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay, wd_incr_steps=train_iters, wd_incr_style="constant",
+    )
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    loss = masked_token_loss(output_tensor, loss_mask)
+    # The schedule divides the returned loss in place by the micro-batch count: report a copy.
+    return loss, {"lm_loss": loss.detach().clone()}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                   labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+class MegatronEngine:
+    """Holds this rank's model chunks, optimizer and LR scheduler; runs one global batch a step."""
+
+    def __init__(self, chunks, tcfg, ctx: ParallelContext, *, parallel: ParallelConfig,
+                 precision: PrecisionConfig, optim: OptimConfig, train_iters: int,
+                 seq_length: int):
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from gptforge.parallel.megatron import fixes as megatron_fixes
+
+        megatron_fixes.apply()  # before the optimizer exists: its load paths are patched
+        self.ctx, self.seq_length = ctx, seq_length
+        # Chunks are built on CPU (use_cpu_initialization): move them before wrapping.
+        chunks = [chunk.to(ctx.device) for chunk in chunks]
+        distopt = parallel.use_distributed_optimizer
+        self.model_chunks = apply_data_parallel(apply_mixed_precision(chunks, tcfg, precision),
+                                                tcfg, distopt)
+        self.optimizer = build_optimizer(self.model_chunks, optim, precision, distopt)
+        self.scheduler = build_scheduler(self.optimizer, optim, train_iters)
+        tcfg.grad_scale_func = self.optimizer.scale_loss
+        tcfg.finalize_model_grads_func = finalize_model_grads
+        tcfg.no_sync_func = [c.no_sync for c in self.model_chunks]
+        if len(self.model_chunks) == 1:
+            tcfg.no_sync_func = tcfg.no_sync_func[0]
+        self._forward_backward = get_forward_backward_func()
+        self._param_count = sum(p.numel() for c in chunks for p in c.parameters())
+
+    def save(self, directory, *, async_save: bool = False):
+        from gptforge.parallel.megatron.checkpoint import save_state
+
+        return save_state(self.model_chunks, self.optimizer, self.scheduler, directory,
+                          async_save=async_save)
+
+    def load(self, directory, *, load_optim: bool = True) -> dict:
+        from gptforge.parallel.megatron.checkpoint import load_state
+
+        record = load_state(self.model_chunks, self.optimizer, self.scheduler, directory,
+                            load_optim=load_optim)
+        apply_fused_adam(self.optimizer)  # load_state_dict restores the saved param groups
+        return record
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters held by this rank (see the trainer for the global count)."""
+        return self._param_count
+
+    def _run(self, micro_batches: list[dict], forward_only: bool) -> float | None:
+        if self.ctx.device.type != "cpu":
+            micro_batches = [{k: v.to(self.ctx.device, non_blocking=True) for k, v in mb.items()}
+                             for mb in micro_batches]
+        iters = [iter(micro_batches) for _ in self.model_chunks]
+        losses = self._forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=iters if len(iters) > 1 else iters[0],
+            model=self.model_chunks if len(self.model_chunks) > 1 else self.model_chunks[0],
+            num_microbatches=len(micro_batches), seq_length=self.seq_length,
+            micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=forward_only,
+        )
+        if not self.ctx.is_last_stage:
+            return None
+        loss = torch.stack([d["lm_loss"] for d in losses]).mean()
+        if self.ctx.dp_size > 1:
+            from megatron.core import parallel_state as ps
+
+            dist.all_reduce(loss, group=ps.get_data_parallel_group())
+            loss = loss / self.ctx.dp_size
+        return float(loss)
+
+    def train_step(self, micro_batches: list[dict]) -> StepResult:
+        for chunk in self.model_chunks:
+            if not chunk.training:  # eval_step sets the whole tree; train() walks every module
+                chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss = self._run(micro_batches, forward_only=False)
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=1)
+        return StepResult(loss=loss, grad_norm=None if grad_norm is None else float(grad_norm),
+                          skipped=not updated, loss_scale=float(self.optimizer.get_loss_scale()),
+                          lr=self.optimizer.param_groups[0]["lr"])
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches: list[dict]) -> float | None:
+        for chunk in self.model_chunks:
+            chunk.eval()
+        return self._run(micro_batches, forward_only=True)

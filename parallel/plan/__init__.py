@@ -1,0 +1,4 @@
+"""gptforge.parallel.plan
+
+The planner: layouts, memory, step time, cluster shapes, parameter counts.
+"""
