@@ -207,7 +207,7 @@ def _launch_line(spec: JobSpec) -> tuple[str, str, str]:
         # each task execs the rank with LOCAL_RANK = its SLURM_LOCALID (DeepSpeed asks for it)
         return (f'{srun} --ntasks-per-node={spec.tasks_per_node} bash -c '
                 f'\'LOCAL_RANK="$SLURM_LOCALID" exec "$@"\' rank "$PYTHON" -m '
-                f'gptforge.launcher.run.entry --config "$CONFIG"', "", "")
+                f'gptforge.launcher.run --config "$CONFIG"', "", "")
     if spec.launcher == "torchrun":
         sig = f"SIG{spec.signal}"
         cmd = (f'{srun} --ntasks-per-node=1 "$PYTHON" -m torch.distributed.run '

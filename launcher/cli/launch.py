@@ -3,7 +3,7 @@
     gptforge launch deepspeed --hostfile H [--num-nodes N] [--num-gpus G]
         [--master-addr A] [--master-port P] [--dry-run] --config ... [--section.key=value ...]
 
-runs ``deepspeed --hostfile H ... --module gptforge.launcher.run.entry <config arguments>``: one
+runs ``deepspeed --hostfile H ... --module gptforge.launcher.run <config arguments>``: one
 ``deepspeed.launcher.launch`` per host (pdsh over ssh when the hostfile names other hosts), one
 rank per slot. Before anything starts, the hostfile is read (``host slots=N`` lines, DeepSpeed's
 format), trimmed by ``--num-nodes``/``--num-gpus`` as DeepSpeed does, and the config is checked
@@ -255,7 +255,7 @@ def deepspeed_command(hosts: Hosts, *, addr: str, port: int, ssh_port: int | Non
                                       for h, n in hosts.slots.items())]
     if ssh_port:
         cmd.append(f"--ssh_port={ssh_port}")
-    return [*cmd, "--no_local_rank", "--module", "gptforge.launcher.run.entry", *config_args]
+    return [*cmd, "--no_local_rank", "--module", "gptforge.launcher.run", *config_args]
 
 
 def _run(cmd: list[str], env: dict) -> int:

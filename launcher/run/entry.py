@@ -10,12 +10,6 @@ first, by ``preflight``, which the local launcher also runs before any rank star
 from __future__ import annotations
 
 import sys
-
-if __name__ == "__main__":  # a rank process: a stop signal during start-up is kept, not fatal
-    from gptforge.launcher.signals import record_early
-
-    record_early()
-
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -382,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size, _ = env_rank_info()
     try:
         files, overrides = parse_train_args(sys.argv[1:] if argv is None else argv,
-                                            prog="gptforge.launcher.run.entry")
+                                            prog="gptforge.launcher.run")
         return exit_code(run(load_config(files, overrides)))
     except KeyboardInterrupt:
         return 130
@@ -391,6 +385,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         destroy_parallel()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -60,7 +60,7 @@ def test_dry_run_prints_the_command_and_environment_and_starts_nothing(tmp_path)
     command = lines[-1]
     assert "--no_ssh_check" in command and "--master_addr=127.0.0.1" in command
     assert "--num_nodes=1" in command and "--num_gpus=2" in command
-    assert "--module gptforge.launcher.run.entry" in command and "--no_local_rank" in command
+    assert "--module gptforge.launcher.run" in command and "--no_local_rank" in command
     assert command.endswith(f"--run.dir={run_dir}")
     assert "DS_ACCELERATOR=cpu" in lines and any(x.startswith("OMP_NUM_THREADS=") for x in lines)
     assert not run_dir.exists()

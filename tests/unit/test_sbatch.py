@@ -33,7 +33,7 @@ def test_srun_mode_one_task_per_gpu_and_the_preemption_settings():
         assert f"#SBATCH {want}" in d, (want, d)
     assert 'srun --unbuffered --wait=60 --ntasks-per-node=8 bash -c ' \
            '\'LOCAL_RANK="$SLURM_LOCALID" exec "$@"\' rank "$PYTHON" -m ' \
-           'gptforge.launcher.run.entry --config "$CONFIG"' in text
+           'gptforge.launcher.run --config "$CONFIG"' in text
     assert "CONFIG=/runs/r/job_config.yaml" in text
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in text
     assert 'scontrol requeue "$JOB"' in text

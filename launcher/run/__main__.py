@@ -1,0 +1,16 @@
+"""``python -m gptforge.launcher.run [--config FILE ...] [--section.key=value ...]``: one rank.
+
+What torchrun, srun, the deepspeed launcher and ``gptforge train --nproc-per-node`` start on each
+rank. A stop signal that arrives while the rank still imports torch and megatron is kept, not
+fatal: it is recorded before anything else is imported.
+"""
+
+import sys
+
+from gptforge.launcher.signals import record_early
+
+record_early()
+
+from gptforge.launcher.run.entry import main  # noqa: E402 (after record_early, on purpose)
+
+sys.exit(main())
