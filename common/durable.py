@@ -1,18 +1,60 @@
-"""Durable writes for checkpoints: fsync a file or a directory entry (both engines, the launcher).
+"""The one way files are written in place: a temporary file, then a rename over the target.
 
-(``data/`` keeps its own copy: it imports nothing from the other parts.)
+A reader (another rank, a resumed run, a crash's survivor) sees the old file or the new one,
+never half of one. How much survives a power loss is said by the caller, explicitly:
+
+=========  ========================================================================================
+ATOMIC     temp + rename. Cheap: for files rewritten often whose loss costs little (the MLflow
+           sender's position, its state; a run's stop mark).
+FILE       + fsync the file before the rename: once the name is there, the content is whole
+           (prepare's resume state, a generated job config).
+DIRECTORY  + fsync the directory after the rename: the rename itself is durable (checkpoint
+           manifests, ``latest``, shards and their index: what a restart trusts).
+=========  ========================================================================================
+
+Every part may import this module (``common/`` imports nothing of the others).
 """
 
 from __future__ import annotations
 
+import enum
 import os
 from pathlib import Path
 
 
-def fsync_path(path: Path) -> None:
+class Durability(enum.IntEnum):
+    ATOMIC = 0
+    FILE = 1
+    DIRECTORY = 2
+
+
+def fsync_path(path: str | Path) -> None:
     """fsync a file, or a directory (its entries: a rename in it becomes durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def temp_path(path: str | Path) -> Path:
+    """Where ``write_atomic`` stages ``path`` (``<name>.tmp`` beside it)."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
+def publish(tmp: str | Path, path: str | Path, durability: Durability) -> None:
+    """Rename the finished file ``tmp`` over ``path`` with the durability asked for."""
+    if durability >= Durability.FILE:
+        fsync_path(tmp)
+    os.replace(tmp, path)
+    if durability >= Durability.DIRECTORY:
+        fsync_path(Path(path).parent)
+
+
+def write_atomic(path: str | Path, data: str | bytes, durability: Durability) -> None:
+    """Write ``data`` (text is UTF-8) to ``path`` through ``<path>.tmp`` and a rename."""
+    path = Path(path)
+    tmp = temp_path(path)
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    publish(tmp, path, durability)

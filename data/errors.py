@@ -7,6 +7,8 @@ record), a directory, a shard, or a config key such as ``data.sources[0]`` or ``
 
 from __future__ import annotations
 
+from gptforge.common.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A user-facing data problem; the message starts with the file, directory or key at fault."""

@@ -23,15 +23,16 @@ from gptforge.launcher.run.checkpoint.format import CheckpointConfig, validate_c
 from gptforge.launcher.run.metrics import LoggingConfig
 from gptforge.launcher.rundir import RunConfig
 from gptforge.launcher.run.loop import TrainConfig
-from gptforge.model.config import ModelConfig, ModelConfigError, num_query_groups, validate_model
+from gptforge.model.config import ModelConfig, num_query_groups, validate_model
 from gptforge.model.generate import SampleConfig
-from gptforge.parallel.config import ConfigError, OptimConfig, ParallelConfig, PrecisionConfig
+from gptforge.parallel.config import OptimConfig, ParallelConfig, PrecisionConfig
+from gptforge.common.errors import ConfigError
 from gptforge.parallel.deepspeed.config import check_engine
 from gptforge.parallel.engine import ENGINES
 from gptforge.parallel.layout import Layout, derive_layout
 from gptforge.parallel.optim import validate_optim
 
-__all__ = ["Config", "ConfigError", "load_config", "dump_config", "validate", "layout_notes",
+__all__ = ["Config", "load_config", "dump_config", "validate", "layout_notes",
            "to_dict"]
 
 
@@ -244,10 +245,7 @@ def _validate_io(cfg: Config, layout: Layout) -> None:
 
 def validate(cfg: Config, world_size: int) -> Layout:
     """Check ``cfg`` for ``world_size`` ranks and return the layout; every error names its key."""
-    try:
-        validate_model(cfg.model)
-    except ModelConfigError as err:
-        raise ConfigError(err.key, err.detail) from None
+    validate_model(cfg.model)
     _validate_train(cfg)
     validate_checkpoint_config(cfg.checkpoint)
     validate_optim(cfg.optim, cfg.train.train_iters)

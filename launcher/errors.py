@@ -17,6 +17,8 @@ import time
 import traceback
 from pathlib import Path
 
+from gptforge.common.errors import UserError
+
 EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1
 EXIT_USER_ERROR = 2
@@ -29,21 +31,9 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
-def user_error_types() -> tuple[type, ...]:
-    from gptforge.data.errors import DataError
-    from gptforge.launcher.rundir import RunDirError
-    from gptforge.model.config import ModelConfigError
-    from gptforge.model.generate import GenerationError
-    from gptforge.parallel.config import ConfigError
-    from gptforge.parallel.context import LaunchError
-    from gptforge.parallel.engine import CheckpointError
-
-    return (ConfigError, ModelConfigError, DataError, RunDirError, LaunchError,
-            CheckpointError, GenerationError)
-
-
 def is_user_error(exc: BaseException) -> bool:
-    return isinstance(exc, user_error_types())
+    """Every part's user-facing errors derive from ``common/errors.py: UserError``."""
+    return isinstance(exc, UserError)
 
 
 def describe(exc: BaseException) -> str:

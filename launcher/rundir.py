@@ -13,6 +13,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptforge.common.errors import UserError
+
 
 @dataclass
 class RunConfig:
@@ -24,7 +26,7 @@ class RunConfig:
     """Replace a previous run found in run.dir instead of refusing to start."""
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """A run directory that cannot be used; the message names it."""
 
 

@@ -13,16 +13,10 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 
+from gptforge.common.errors import ConfigError
+
 if TYPE_CHECKING:
     from megatron.core.transformer.transformer_config import TransformerConfig
-
-
-class ModelConfigError(ValueError):
-    """A model shape that cannot be built; ``key`` names the setting at fault."""
-
-    def __init__(self, key: str, message: str):
-        self.key, self.detail = key, message
-        super().__init__(f"{key}: {message}")
 
 
 @dataclass
@@ -74,22 +68,22 @@ def validate_model(model: ModelConfig) -> None:
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
                 "make_vocab_size_divisible_by"):
         if getattr(model, key) < 1:
-            raise ModelConfigError(f"model.{key}", f"must be >= 1, got {getattr(model, key)}")
+            raise ConfigError(f"model.{key}", f"must be >= 1, got {getattr(model, key)}")
     if model.hidden_size % model.num_attention_heads:
-        raise ModelConfigError("model.hidden_size", f"{model.hidden_size} is not divisible by "
+        raise ConfigError("model.hidden_size", f"{model.hidden_size} is not divisible by "
                                f"model.num_attention_heads={model.num_attention_heads}")
     groups = num_query_groups(model)
     if groups < 1 or model.num_attention_heads % groups:
-        raise ModelConfigError("model.num_query_groups", f"{groups} does not divide "
+        raise ConfigError("model.num_query_groups", f"{groups} does not divide "
                                f"model.num_attention_heads={model.num_attention_heads}")
     if model.ffn_hidden_size is not None and model.ffn_hidden_size < 1:
-        raise ModelConfigError("model.ffn_hidden_size",
+        raise ConfigError("model.ffn_hidden_size",
                                f"must be >= 1, got {model.ffn_hidden_size}")
     for key in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(model, key) < 1.0:
-            raise ModelConfigError(f"model.{key}", f"must be in [0, 1), got {getattr(model, key)}")
+            raise ConfigError(f"model.{key}", f"must be in [0, 1), got {getattr(model, key)}")
     if model.init_method_std <= 0:
-        raise ModelConfigError("model.init_method_std", f"must be > 0, got {model.init_method_std}")
+        raise ConfigError("model.init_method_std", f"must be > 0, got {model.init_method_std}")
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

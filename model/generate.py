@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gptforge.common.errors import UserError
 from gptforge.model.decode_linears import decode_layout
 
 
@@ -48,7 +49,7 @@ class Sampling:
                                       f"of range")
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError):
     """A prompt or setting generation cannot use; names it."""
 
 

@@ -1,14 +1,14 @@
 """Hugging Face ``config.json`` (GPT-2, Llama) ↔ our ``model`` section.
 
 Only shapes both sides can express are converted; anything else is refused with a
-``ModelConfigError`` naming the setting (ours ``model.*`` on export, the ``config.json`` key on
+``ConfigError`` naming the setting (ours ``model.*`` on export, the ``config.json`` key on
 import). The tables and the traps behind them: ``docs/HUGGINGFACE.md``.
 """
 
 from __future__ import annotations
 
-from gptforge.model.config import (ModelConfig, ModelConfigError, default_ffn_hidden_size,
-                                   num_query_groups)
+from gptforge.model.config import ModelConfig, default_ffn_hidden_size, num_query_groups
+from gptforge.common.errors import ConfigError
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 # Hugging Face activation names of our GPT-2-shaped activations.
@@ -40,8 +40,8 @@ def _require(model: ModelConfig, arch: str, **wanted) -> None:
                          f"position_embedding_type={model.position_embedding_type!r}")
 
 
-def _no_hf(key: str, value, why: str) -> ModelConfigError:
-    return ModelConfigError(key, f"{value!r} has no Hugging Face equivalent ({why})")
+def _no_hf(key: str, value, why: str) -> ConfigError:
+    return ConfigError(key, f"{value!r} has no Hugging Face equivalent ({why})")
 
 
 def to_hf_config(model: ModelConfig, *, vocab_size: int, bos_id: int, eos_id: int,
@@ -76,13 +76,13 @@ def to_hf_config(model: ModelConfig, *, vocab_size: int, bos_id: int, eos_id: in
 
 def _get(hf: dict, key: str, where: str):
     if key not in hf:
-        raise ModelConfigError(f"{where}: {key}", "missing")
+        raise ConfigError(f"{where}: {key}", "missing")
     return hf[key]
 
 
 def _refuse(hf: dict, where: str, key: str, ok) -> None:
     if key in hf and not ok(hf[key]):
-        raise ModelConfigError(f"{where}: {key}", f"{hf[key]!r} is not supported")
+        raise ConfigError(f"{where}: {key}", f"{hf[key]!r} is not supported")
 
 
 def from_hf_config(hf: dict, where: str) -> tuple[str, ModelConfig]:
@@ -90,7 +90,7 @@ def from_hf_config(hf: dict, where: str) -> tuple[str, ModelConfig]:
     arch = hf.get("model_type")
     if arch not in ARCHITECTURES:
         archs = hf.get("architectures") or [arch]
-        raise ModelConfigError(f"{where}: model_type", f"{archs} is not supported (only "
+        raise ConfigError(f"{where}: model_type", f"{archs} is not supported (only "
                                f"{', '.join(ARCHITECTURES.values())})")
     model = _gpt2(hf, where) if arch == "gpt2" else _llama(hf, where)
     return arch, model
@@ -99,7 +99,7 @@ def from_hf_config(hf: dict, where: str) -> tuple[str, ModelConfig]:
 def _gpt2(hf: dict, where: str) -> ModelConfig:
     act = _GPT2_ACTIVATIONS.get(hf.get("activation_function", "gelu_new"))
     if act is None:
-        raise ModelConfigError(f"{where}: activation_function",
+        raise ConfigError(f"{where}: activation_function",
                                f"{hf.get('activation_function')!r} is not supported")
     _refuse(hf, where, "scale_attn_weights", lambda v: v is True)
     _refuse(hf, where, "scale_attn_by_inverse_layer_idx", lambda v: not v)
@@ -123,7 +123,7 @@ def _rope_theta(hf: dict, where: str) -> float:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = params.get("rope_type", params.get("type", "default"))
     if kind != "default":
-        raise ModelConfigError(f"{where}: rope_parameters",
+        raise ConfigError(f"{where}: rope_parameters",
                                f"rope_type {kind!r} is not supported (only default)")
     _refuse(hf, where, "partial_rotary_factor", lambda v: v == 1.0)
     return params.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -134,11 +134,11 @@ def _llama(hf: dict, where: str) -> ModelConfig:
     _refuse(hf, where, "hidden_act", lambda v: v == "silu")
     _refuse(hf, where, "head_dim", lambda v: v == hidden // heads)
     if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
-        raise ModelConfigError(f"{where}: mlp_bias", "must equal attention_bias (one "
+        raise ConfigError(f"{where}: mlp_bias", "must equal attention_bias (one "
                                "model.add_bias_linear setting covers both)")
     theta = _rope_theta(hf, where)
     if theta != int(theta):
-        raise ModelConfigError(f"{where}: rope_theta", f"{theta} is not a whole number")
+        raise ConfigError(f"{where}: rope_theta", f"{theta} is not a whole number")
     return ModelConfig(
         num_layers=_get(hf, "num_hidden_layers", where), hidden_size=hidden,
         num_attention_heads=heads, num_query_groups=hf.get("num_key_value_heads") or heads,

@@ -12,14 +12,6 @@ from typing import Literal
 import torch
 
 
-class ConfigError(ValueError):
-    """A configuration problem; ``key`` names the setting at fault and starts the message."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"{key}: {message}")
-
-
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1

@@ -15,10 +15,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gptforge.common.errors import UserError
+
 from gptforge.parallel.megatron import cpu_compat
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError):
     """The environment of a rank is wrong (missing MASTER_ADDR, ...); the message says what."""
 
 

@@ -12,8 +12,10 @@ from typing import Protocol
 
 import torch
 
+from gptforge.common.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
     """A checkpoint that cannot be saved here or loaded into this model; names the file/key."""
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from gptforge.parallel.config import ConfigError, ParallelConfig
+from gptforge.parallel.config import ParallelConfig
+from gptforge.common.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 
-from gptforge.parallel.config import ConfigError, OptimConfig
+from gptforge.parallel.config import OptimConfig
+from gptforge.common.errors import ConfigError
 
 
 def validate_optim(optim: OptimConfig, train_iters: int) -> None:

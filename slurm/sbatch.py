@@ -26,7 +26,7 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptforge.parallel.config import ConfigError
+from gptforge.common.errors import ConfigError
 
 TEMPLATE = Path(__file__).with_name("job.sbatch.tmpl")
 LAUNCHERS = ("srun", "torchrun", "deepspeed")

@@ -14,7 +14,6 @@ import os
 import shlex
 import sys
 
-from gptforge.data.errors import DataError
 from gptforge.data.text_inputs import TXT_UNITS
 
 TOKENIZER_HELP = "sentencepiece .model file, or Hugging Face tokenizer folder or tokenizer.json"
@@ -121,18 +120,3 @@ def register(subparsers) -> None:
     """Add ``tokenizer`` and ``data`` to an argparse subparsers object."""
     _register_tokenizer(subparsers)
     _register_data(subparsers)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gptforge")
-    register(parser.add_subparsers(dest="verb", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except DataError as err:
-        print(f"gptforge: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def read_prompts(args) -> list[str]:
-    from gptforge.parallel.config import ConfigError
+    from gptforge.common.errors import ConfigError
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -39,7 +39,7 @@ def read_prompts(args) -> list[str]:
 
 
 def _jsonl_prompt(path: Path, number: int, line: str) -> str:
-    from gptforge.parallel.config import ConfigError
+    from gptforge.common.errors import ConfigError
 
     try:
         record = json.loads(line)
@@ -83,7 +83,7 @@ class Streamer:
 
 def _tokenizer(loaded, override: str | None):
     from gptforge.data import tokenizer
-    from gptforge.parallel.config import ConfigError
+    from gptforge.common.errors import ConfigError
 
     path = override or loaded.tokenizer_path
     if not path:

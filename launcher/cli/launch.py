@@ -36,7 +36,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptforge.parallel.config import ConfigError
+from gptforge.common.errors import ConfigError
 
 _HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
 _LOCAL_HOSTS = ("localhost", "127.0.0.1")

@@ -33,7 +33,7 @@ def positive_int(text: str) -> int:
 
 
 def _nproc(args: argparse.Namespace) -> int | None:
-    from gptforge.launcher.config import ConfigError
+    from gptforge.common.errors import ConfigError
 
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         raise ConfigError("--nproc-per-node", f"must be >= 1, got {args.nproc_per_node}")

@@ -24,7 +24,7 @@ def preset_names() -> list[str]:
 
 def preset_path(name: str) -> Path:
     """A preset by name (configs/models/NAME.yaml, then configs/NAME.yaml) or a YAML path."""
-    from gptforge.launcher.config import ConfigError
+    from gptforge.common.errors import ConfigError
 
     for path in (CONFIGS / "models" / f"{name}.yaml", CONFIGS / f"{name}.yaml", Path(name)):
         if path.is_file():
@@ -43,16 +43,14 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def build_request(args: argparse.Namespace):
-    from gptforge.launcher.config import ConfigError, load_config
-    from gptforge.model.config import ModelConfigError, validate_model
+    from gptforge.launcher.config import load_config
+    from gptforge.common.errors import ConfigError
+    from gptforge.model.config import validate_model
     from gptforge.parallel.plan.planner import PlanRequest
     from gptforge.parallel.plan.clusters import CLUSTERS
 
     cfg = load_config([preset_path(args.model)], _overrides(args))
-    try:
-        validate_model(cfg.model)
-    except ModelConfigError as err:
-        raise ConfigError(err.key, err.detail) from None
+    validate_model(cfg.model)
     if args.gpu not in CLUSTERS:
         raise ConfigError("--gpu", f"unknown cluster shape {args.gpu!r} (known: "
                           f"{', '.join(CLUSTERS)})")
@@ -182,7 +180,7 @@ def emit_config(args: argparse.Namespace, request, entry) -> Path:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from gptforge.launcher.config import ConfigError
+    from gptforge.common.errors import ConfigError
     from gptforge.parallel.plan.planner import plan
 
     request = build_request(args)

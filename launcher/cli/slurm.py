@@ -41,7 +41,7 @@ def _check_point(cfg, spec: JobSpec, *, owner: bool):
     """The config for the job's world size (an error names the job shape), run dir, data."""
     from gptforge.launcher.config import validate
     from gptforge.launcher.run.entry import preflight
-    from gptforge.parallel.config import ConfigError
+    from gptforge.common.errors import ConfigError
 
     p = cfg.parallel
     validate(cfg, max(1, p.tensor_model_parallel_size) * max(1, p.pipeline_model_parallel_size))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 def check_out(out: str | Path) -> Path:
     """The ``.partial`` directory to build OUT in; OUT must not exist or be empty."""
-    from gptforge.parallel.config import ConfigError
+    from gptforge.common.errors import ConfigError
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

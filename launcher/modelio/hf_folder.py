@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from gptforge.model.config import ModelConfig, ModelConfigError
+from gptforge.model.config import ModelConfig
+from gptforge.common.errors import ConfigError
 from gptforge.model.hf_config import from_hf_config
 from gptforge.parallel.engine import CheckpointError
 
@@ -51,7 +52,7 @@ def read_config(path: Path) -> tuple[dict, str, ModelConfig]:
         raise HFFolderError(f"{config_path}: unreadable: {err}") from None
     try:
         arch, model = from_hf_config(config, str(config_path))
-    except ModelConfigError as err:
+    except ConfigError as err:
         raise HFFolderError(str(err)) from None
     return config, arch, model
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 
-from gptforge.parallel.config import ConfigError, OptimConfig, ParallelConfig, PrecisionConfig
+from gptforge.parallel.config import OptimConfig, ParallelConfig, PrecisionConfig
+from gptforge.common.errors import ConfigError
 
 ZERO_STAGES = (0, 1, 2, 3)
 CONFIG_FILE = "deepspeed_config.json"

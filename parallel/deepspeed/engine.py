@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from gptforge.model.loss import masked_token_loss
 from gptforge.common.durable import fsync_path
-from gptforge.parallel.config import ConfigError, OptimConfig, ParallelConfig, PrecisionConfig
+from gptforge.parallel.config import OptimConfig, ParallelConfig, PrecisionConfig
+from gptforge.common.errors import ConfigError
 from gptforge.parallel.context import ParallelContext
 from gptforge.parallel.deepspeed.compat import import_deepspeed
 from gptforge.parallel.deepspeed.config import CONFIG_FILE, deepspeed_config

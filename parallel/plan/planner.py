@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 
 from gptforge.model.config import ModelConfig, num_query_groups
 from gptforge.model.flops import attention_flops_per_token, flops_per_token, matmul_params_per_layer
-from gptforge.parallel.config import DTYPES, ConfigError, ParallelConfig
+from gptforge.parallel.config import DTYPES, ParallelConfig
+from gptforge.common.errors import ConfigError
 from gptforge.parallel.layout import Layout, derive_layout
 from gptforge.parallel.plan.clusters import ClusterShape
 from gptforge.parallel.plan.memory import ActivationShape, rank_activation_memory

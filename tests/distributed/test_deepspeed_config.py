@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from gptforge.launcher.config import ConfigError, load_config, validate
+from gptforge.launcher.config import load_config, validate
+from gptforge.common.errors import ConfigError
 from gptforge.launcher.cli.launch import LaunchConfigError, read_hostfile, trim
 from gptforge.parallel.deepspeed.config import bucket_elements, deepspeed_config
 from tests.conftest import TINY

@@ -13,7 +13,7 @@ from gptforge.data.loader import build_loader
 from gptforge.data.synthetic import write_text_corpus
 from gptforge.data.config import DataConfig, DataSourceConfig
 
-CLI = [sys.executable, "-m", "gptforge.launcher.cli.data"]
+CLI = [sys.executable, "-m", "gptforge.launcher.cli.main"]
 STDLIB_BIGGER = ("json/*.py", "email/*.py", "logging/*.py", "textwrap.py")
 
 

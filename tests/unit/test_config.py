@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from gptforge.launcher.config import ConfigError, dump_config, layout_notes, load_config, validate
+from gptforge.launcher.config import dump_config, layout_notes, load_config, validate
+from gptforge.common.errors import ConfigError
 from tests.conftest import TINY
 
 

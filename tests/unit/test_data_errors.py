@@ -14,7 +14,7 @@ import pytest
 
 import gptforge.data.prepare as prepare_mod
 from gptforge.data import tokenizer
-from gptforge.launcher.cli import data as cli
+from gptforge.launcher.cli import main as cli
 from gptforge.data.config import DataConfig, DataSourceConfig
 from gptforge.data.errors import DataError
 from gptforge.data.loader import build_loader

@@ -78,7 +78,7 @@ def test_crash_then_rerun_equals_one_clean_run(text_corpus, tiny_tokenizer, tmp_
                                                crash_after_docs, workers):
     clean = clean_run
     out = tmp_path / "crashed"
-    args = [sys.executable, "-m", "gptforge.launcher.cli.data", "data", "prepare", "--input",
+    args = [sys.executable, "-m", "gptforge.launcher.cli.main", "data", "prepare", "--input",
             str(text_corpus), "--tokenizer", str(tiny_tokenizer), "--out", str(out),
             "--valid-fraction", "0.1", "--shard-size-mb", "0.04", "--workers", str(workers),
             "--no-progress", "--command", "test"]

@@ -8,7 +8,7 @@ import pytest
 
 
 from gptforge.data import tokenizer
-from gptforge.launcher.cli import data as cli
+from gptforge.launcher.cli import main as cli
 
 MIXED = ("Grüße, 世界! naïve café — ok?\n\tdef f(x):\n        return {'a': x ** 2}  # ∑ 😀\r\n"
          "\n\n   leading and trailing spaces   \n\x00\x07 control \u200b zero-width ")

@@ -15,7 +15,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from gptforge.data import tokenizer
-from gptforge.launcher.cli import data as cli
+from gptforge.launcher.cli import main as cli
 from gptforge.data.hf_tokenizer import HfTokenizer, save_hf_tokenizer
 from gptforge.data.prepare import PrepareSettings, prepare
 from gptforge.data.shards import iter_shard_members

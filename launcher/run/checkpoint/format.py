@@ -70,7 +70,7 @@ class CheckpointConfig:
 
 
 def validate_checkpoint_config(cfg: CheckpointConfig) -> None:
-    from gptforge.parallel.config import ConfigError
+    from gptforge.common.errors import ConfigError
 
     if cfg.save_interval < 0:
         raise ConfigError("checkpoint.save_interval", f"must be >= 0, got {cfg.save_interval}")
