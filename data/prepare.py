@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gptforge.common.durable import Durability, write_atomic
 from gptforge.data import tokenizer
 from gptforge.data.errors import DataError
 from gptforge.data.outputs import check_out_dir, missing_root
@@ -256,16 +257,7 @@ def _fingerprint(settings: PrepareSettings, files: list[Path],
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    _write_bytes_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1) + "\n", Durability.FILE)
 
 
 def _read_json(path: Path) -> dict:
@@ -412,7 +404,7 @@ def _remove_added(out: Path, before: set[str], earlier_state: bytes | None) -> N
         if path.name not in before and OUTPUT_NAME.fullmatch(path.name):
             path.unlink(missing_ok=True)
     if earlier_state is not None:
-        _write_bytes_atomic(out / STATE_FILE, earlier_state)
+        write_atomic(out / STATE_FILE, earlier_state, Durability.FILE)
 
 
 def _write_shards(out: Path, settings: PrepareSettings, files: list[Path], state: dict,

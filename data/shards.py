@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptforge.common.durable import Durability, publish, temp_path
 from gptforge.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class ShardWriter:
 
     def __init__(self, final_path: Path):
         self.final_path = Path(final_path)
-        self.tmp_path = self.final_path.with_name(self.final_path.name + ".tmp")
+        self.tmp_path = temp_path(self.final_path)
         self._file = open(self.tmp_path, "wb")
         self._offset = 0
         self.num_docs = 0
@@ -99,17 +100,8 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         size = self._file.tell()
         self._file.close()
-        os.replace(self.tmp_path, self.final_path)
-        _fsync_dir(self.final_path.parent)
+        publish(self.tmp_path, self.final_path, Durability.DIRECTORY)  # fsynced just above
         return size
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _member_dtype(url: str, fname: str, sft: bool) -> np.dtype:

@@ -7,13 +7,13 @@ unless ``run.overwrite`` asks to replace it. Checks run before any model is buil
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from gptforge.common.errors import UserError
+from gptforge.common.metrics_file import METRICS_FILE, metrics_path, read_records, step_records
 
 
 @dataclass
@@ -30,28 +30,20 @@ class RunDirError(UserError):
     """A run directory that cannot be used; the message names it."""
 
 
-RUN_FILES = ("metrics.jsonl", "config.yaml", "sample.txt")
+RUN_FILES = (METRICS_FILE, "config.yaml", "sample.txt")
 
 
-def _steps_logged(metrics: Path) -> str:
-    steps = []
-    with metrics.open() as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if "step" in record and "event" not in record:
-                steps.append(record["step"])
+def _steps_logged(run_dir: Path) -> str:
+    steps = [r["step"] for r in step_records(read_records(run_dir))]
     return f"steps {min(steps)}-{max(steps)}" if steps else "no steps"
 
 
 def previous_run(path: Path, checkpoint_dir: Path | None = None) -> str:
     """A description of the run ``path`` already holds, or "" when it holds none."""
     found = []
-    metrics = path / "metrics.jsonl"
+    metrics = metrics_path(path)
     if metrics.is_file() and metrics.stat().st_size:
-        found.append(f"metrics.jsonl with {_steps_logged(metrics)}")
+        found.append(f"{METRICS_FILE} with {_steps_logged(path)}")
     elif (path / "config.yaml").is_file():
         found.append("config.yaml")
     if checkpoint_dir is not None and checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()):

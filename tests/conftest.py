@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from gptforge.common.metrics_file import metrics_path, read_records
 from gptforge.parallel.context import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,11 @@ def child_pids(pid: int) -> list[int]:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The run's records, through the project's one reader; every line must be a record."""
+    records = read_records(run_dir)
+    lines = metrics_path(run_dir).read_text().splitlines()
+    assert len(records) == len(lines), f"{metrics_path(run_dir)}: a line is not a JSON record"
+    return records
 
 
 def train_losses(run_dir: Path) -> list[float]:

@@ -44,19 +44,15 @@ def scontrol_job(job: str) -> dict[str, str]:
 def run_progress(run_dir: Path) -> dict:
     """Last step and loss, restarts logged, newest checkpoint, MLflow run of ``run_dir``."""
     out: dict = {"run_dir": str(run_dir)}
-    metrics = run_dir / "metrics.jsonl"
+    from gptforge.common.metrics_file import read_records
+
     last = None
     restarts = 0
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("event") == "restart":
-                restarts += 1
-            elif "loss" in record:
-                last = record
+    for record in read_records(run_dir):
+        if record.get("event") == "restart":
+            restarts += 1
+        elif "loss" in record:
+            last = record
     out["last_step"] = last["step"] if last else None
     out["last_loss"] = last["loss"] if last else None
     out["restarts_logged"] = restarts

@@ -19,7 +19,7 @@ CONFIG_USAGE = "[--config FILE ...] [--section.key=value ...]"
 # Modules that add verbs: each has register(subparsers).
 VERB_MODULES = ("gptforge.launcher.cli.data", "gptforge.launcher.cli.checkpoint",
                 "gptforge.launcher.cli.plan", "gptforge.launcher.cli.launch",
-                "gptforge.launcher.cli.mlflow", "gptforge.launcher.tracking.report",
+                "gptforge.launcher.cli.mlflow", "gptforge.launcher.cli.report",
                 "gptforge.launcher.cli.convert", "gptforge.launcher.cli.generate",
                 "gptforge.launcher.cli.eval")
 

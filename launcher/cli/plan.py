@@ -149,6 +149,7 @@ def _check_meta_counts(request, entries) -> None:
 
 def emit_config(args: argparse.Namespace, request, entry) -> Path:
     """Write the preset plus ``entry``'s layout; refuse what ``gptforge train`` would refuse."""
+    from gptforge.common.durable import Durability, publish, temp_path
     from gptforge.launcher.config import load_config, validate
     from gptforge.parallel.plan.planner import layout_delta
 
@@ -169,11 +170,11 @@ def emit_config(args: argparse.Namespace, request, entry) -> Path:
             + (f" (on each of {args.nodes} nodes: torchrun or srun)" if args.nodes > 1 else "")]
     text = "\n".join(head) + "\n" + yaml.safe_dump(delta, sort_keys=False)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = temp_path(out)
     tmp.write_text(text)
     try:
-        validate(load_config([tmp]), request.world_size)
-        tmp.replace(out)
+        validate(load_config([tmp]), request.world_size)  # the file as written must train
+        publish(tmp, out, Durability.FILE)
     finally:
         tmp.unlink(missing_ok=True)
     return out

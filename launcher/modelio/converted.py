@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+from gptforge.common.durable import Durability, write_atomic
 
 def check_out(out: str | Path) -> Path:
     """The ``.partial`` directory to build OUT in; OUT must not exist or be empty."""
@@ -56,5 +57,6 @@ def write_weights_only(engine, cfg, partial: Path, *, source: dict,
     files = {f"{ck.STATE_DIR}/{f.path}": {"bytes": f.bytes, "rank": 0,
                                            "crc32": ck.file_crc32(partial / ck.STATE_DIR / f.path)}
              for f in handle.files}
-    ck.write_atomic(partial / ck.MANIFEST,
-                    json.dumps(_manifest(cfg, source, files, tokenizer_sha256), indent=1))
+    write_atomic(partial / ck.MANIFEST,
+                 json.dumps(_manifest(cfg, source, files, tokenizer_sha256), indent=1),
+                 Durability.DIRECTORY)

@@ -291,14 +291,13 @@ STOPPED_MARK = "stopped.json"  # this attempt stopped on a signal with a checkpo
 def _mark_stopped(cfg: Config, result: RunResult) -> None:
     """For a job script whose launcher (torchrun, deepspeed) does not pass on exit code 75."""
     import json
-    import os
     import time
 
-    path = Path(cfg.run.dir) / STOPPED_MARK
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"step": result.last_step, "signal": result.stopped_by,
-                               "time": time.time()}) + "\n")
-    os.replace(tmp, path)
+    from gptforge.common.durable import Durability, write_atomic
+
+    write_atomic(Path(cfg.run.dir) / STOPPED_MARK,
+                 json.dumps({"step": result.last_step, "signal": result.stopped_by,
+                             "time": time.time()}) + "\n", Durability.FILE)
 
 
 def run(cfg: Config) -> RunResult:

@@ -35,6 +35,8 @@ import time
 import uuid
 from pathlib import Path
 
+from gptforge.common.durable import Durability, write_atomic
+
 STATE_DIR = "mlflow"
 HTTP_TIMEOUT_S = "5"  # one HTTP attempt's bound (MLflow's default: 120 s, with 7 retries)
 MAX_BACKOFF_S = 30.0
@@ -106,15 +108,10 @@ def read_state(run_dir: str | Path) -> dict:
         return {}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_state(run_dir: str | Path, state: dict) -> None:
     _dir(run_dir).mkdir(parents=True, exist_ok=True)
-    _write_atomic(_dir(run_dir) / "state.json", json.dumps(state, indent=1) + "\n")
+    write_atomic(_dir(run_dir) / "state.json", json.dumps(state, indent=1) + "\n",
+                 Durability.ATOMIC)
 
 
 def forget_run(run_dir: str | Path) -> None:
@@ -384,7 +381,7 @@ def follow(run_dir: Path) -> int:
         failing, backoff, wait = False, 0.5, 0.0
         sent = pending[n - 1]["seq"]
         del pending[:n]
-        _write_atomic(_dir(run_dir) / "sent", str(sent))
+        write_atomic(_dir(run_dir) / "sent", str(sent), Durability.ATOMIC)
 
 
 SENDER_LOCK = "sender.lock"
@@ -438,7 +435,7 @@ def _sync_locked(run_dir: Path, state: dict) -> tuple[int, int]:
     while pending:
         n = sender.send(pending[:BATCH_METRICS])  # raises when the server is unreachable
         sent = pending[n - 1]["seq"]
-        _write_atomic(_dir(run_dir) / "sent", str(sent))
+        write_atomic(_dir(run_dir) / "sent", str(sent), Durability.ATOMIC)
         done += n
         del pending[:n]
     write_state(run_dir, {**read_state(run_dir), "unsent": 0})

@@ -5,8 +5,9 @@ rank also writes it at the end of a run with MLflow on and logs it as an artifac
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from gptforge.common.metrics_file import read_records, step_records
 
 REPORT = "report.png"
 
@@ -15,14 +16,7 @@ def read_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """step → value for each plotted key; a resumed run's repeated steps keep the newest."""
     series: dict[str, dict[int, float]] = {k: {} for k in ("loss", "val_loss", "lr",
                                                            "tokens_per_s")}
-    path = Path(run_dir) / "metrics.jsonl"
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if "event" in record or "step" not in record:
-            continue
+    for record in step_records(read_records(run_dir)):
         for key, values in series.items():
             if isinstance(record.get(key), (int, float)):
                 values[int(record["step"])] = float(record[key])
@@ -62,26 +56,3 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path | N
     path = Path(out) if out else run_dir / REPORT
     fig.savefig(path)
     return path
-
-
-def register(verbs) -> None:
-    p = verbs.add_parser("report", help="a PNG of loss, lr and throughput against step",
-                         description="Plot <run.dir>/metrics.jsonl: train/validation loss, "
-                                     "learning rate, throughput against step.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--out", metavar="PNG", help="default: <RUN_DIR>/report.png")
-    p.set_defaults(func=_report)
-
-
-def _report(args) -> int:
-    from gptforge.launcher.rundir import RunDirError
-
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise RunDirError(f"run dir {run_dir}: no metrics.jsonl (not a run dir, or nothing "
-                          f"logged yet)")
-    path = write_report(run_dir, args.out)
-    if path is None:
-        raise RunDirError(f"run dir {run_dir}: metrics.jsonl holds no training step yet")
-    print(f"[gptforge] wrote {path}")
-    return 0

@@ -16,7 +16,6 @@ DeepSpeed's shared-memory all-reduce op is not built (``parallel/deepspeed/compa
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from gptforge.model.loss import masked_token_loss
-from gptforge.common.durable import fsync_path
+from gptforge.common.durable import Durability, fsync_path, write_atomic
 from gptforge.parallel.config import OptimConfig, ParallelConfig, PrecisionConfig
 from gptforge.common.errors import ConfigError
 from gptforge.parallel.context import ParallelContext
@@ -387,7 +386,5 @@ class DeepSpeedEngine:
 
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1) + "\n", Durability.ATOMIC)
 

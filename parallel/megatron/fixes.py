@@ -44,6 +44,8 @@ from queue import Empty
 
 import torch
 
+from gptforge.common.durable import Durability, write_atomic
+
 FIXES = ("spawn", "writer", "a", "b", "c", "d", "e")
 
 _applied = False
@@ -104,10 +106,8 @@ class FileResultsQueue:
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
 
     def put(self, obj) -> None:
-        tmp = f"{self._path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, self._path)
+        write_atomic(self._path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL),
+                     Durability.ATOMIC)
 
     def get_nowait(self):
         try:

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 
+from gptforge.common.durable import Durability, write_atomic
 from gptforge.data.loader import build_loader
 from gptforge.data.mock import MockBatches
 from gptforge.data.synthetic import unique_docs, write_token_dataset
@@ -27,8 +28,9 @@ def test_latest_is_trusted_only_when_its_manifest_hash_matches(tmp_path):
     for step in (2, 4, 6):
         _fake_checkpoint(tmp_path, step)
     (tmp_path / "step-0000008.partial").mkdir()
-    ck.write_atomic(tmp_path / ck.LATEST,
-                    f"step-0000004 {ck._sha256(tmp_path / 'step-0000004' / ck.MANIFEST)}\n")
+    write_atomic(tmp_path / ck.LATEST,
+                 f"step-0000004 {ck._sha256(tmp_path / 'step-0000004' / ck.MANIFEST)}\n",
+                 Durability.DIRECTORY)
     assert ck.read_latest(tmp_path).name == "step-0000004"
     (tmp_path / "step-0000004" / ck.MANIFEST).write_text("{}")  # changed behind its back
     assert ck.read_latest(tmp_path).name == "step-0000006"  # newest complete instead

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gptforge.launcher.run.checkpoint import format as ck
 from gptforge.parallel import context as pc
-from gptforge.common.durable import fsync_path
+from gptforge.common.durable import Durability, fsync_path, write_atomic
 from gptforge.parallel.engine import CheckpointError
 
 
@@ -94,7 +94,8 @@ class Checkpointer:
         path.parent.mkdir(parents=True, exist_ok=True)
         coords = {"tp_rank": self.ctx.tp_rank, "pp_rank": self.ctx.pp_rank,
                   "dp_rank": self.ctx.dp_rank}
-        ck.write_atomic(path, json.dumps({"coords": coords, "state": rng_state()}))
+        write_atomic(path, json.dumps({"coords": coords, "state": rng_state()}),
+                     Durability.DIRECTORY)
         return rel
 
     def _global_loader_state(self) -> dict:
@@ -118,13 +119,14 @@ class Checkpointer:
             if self.ctx.rank == 0:
                 files = {rel: {"bytes": size, "crc32": crc, "rank": rank}
                          for rank, entries in everyone for rel, size, crc in entries}
-                ck.write_atomic(p.partial / ck.MANIFEST,
-                                json.dumps(self._manifest(p, files), indent=1))
+                write_atomic(p.partial / ck.MANIFEST,
+                             json.dumps(self._manifest(p, files), indent=1), Durability.DIRECTORY)
                 ck.crash_point("before_rename", p.step)
                 p.partial.rename(p.final)
                 fsync_path(self.dir)
-                ck.write_atomic(self.dir / ck.LATEST,
-                                f"{p.final.name} {ck._sha256(p.final / ck.MANIFEST)}\n")
+                write_atomic(self.dir / ck.LATEST,
+                             f"{p.final.name} {ck._sha256(p.final / ck.MANIFEST)}\n",
+                             Durability.DIRECTORY)
                 protect = {p.final.resolve()}
                 if self.loaded_from is not None:
                     protect.add(self.loaded_from.resolve())

@@ -31,7 +31,6 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptforge.common.durable import fsync_path
 from gptforge.parallel.engine import CheckpointError
 
 FORMAT = "gptforge-checkpoint-v1"
@@ -88,17 +87,6 @@ def step_name(step: int) -> str:
 
 # ------------------------------------------------------------------ files
 
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """temp file, fsync, rename over ``path``, fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def file_crc32(path: Path) -> int:
