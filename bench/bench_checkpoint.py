@@ -43,7 +43,7 @@ LAYOUTS = {"dp2-distopt": ["--parallel.use_distributed_optimizer=true"],
 def build(overrides: list[str]):
     """Config overrides → process groups → engine and batches (adapt here when train.py moves)."""
     from gptforge.launcher.config import load_config, validate
-    from gptforge.launcher.run.entry import build_batches, build_engine
+    from gptforge.launcher.run.build import build_batches, build_engine
     from gptforge.parallel.megatron import fixes as megatron_fixes
     from gptforge.parallel.context import init_parallel, world_size_from_env
     from gptforge.parallel.seeding import set_seed

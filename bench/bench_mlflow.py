@@ -19,7 +19,6 @@ MLFLOW_HTTP_REQUEST_TIMEOUT = 5 s for the hung one).
 from __future__ import annotations
 
 import argparse
-import io
 import socket
 import statistics
 import tempfile
@@ -39,7 +38,7 @@ def bench(name: str, uri: str | None, records: int, root: Path) -> tuple:
     cfg = LoggingConfig(mlflow=uri is not None, mlflow_tracking_uri=uri or "",
                         mlflow_close_timeout_s=20.0)
     run_dir = root / name / "run"
-    sink = MetricsSink(run_dir, cfg, stream=io.StringIO(), fresh=True)
+    sink = MetricsSink(run_dir, cfg, fresh=True)
     sink.log_params({f"p.{i}": i for i in range(80)})
     times = []
     for step in range(1, records + 1):

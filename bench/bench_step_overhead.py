@@ -78,7 +78,7 @@ def plain_step_fn():
 
 def gptforge_step_fn():
     from gptforge.launcher.config import load_config, validate
-    from gptforge.launcher.run.entry import build_batches, build_engine
+    from gptforge.launcher.run.build import build_batches, build_engine
     from gptforge.parallel.context import init_parallel
     from gptforge.parallel.seeding import set_seed
 

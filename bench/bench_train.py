@@ -219,7 +219,7 @@ def two_rank_worker(spec_path: str) -> None:
     import json
 
     from gptforge.launcher.config import load_config, validate
-    from gptforge.launcher.run.entry import build_batches, build_engine
+    from gptforge.launcher.run.build import build_batches, build_engine
     from gptforge.parallel.context import destroy_parallel, init_parallel, world_size_from_env
     from gptforge.parallel.seeding import set_seed
 

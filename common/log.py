@@ -6,9 +6,12 @@
   ``gptforge: error: ...`` line.
 - INFO goes to stdout, WARNING and above to stderr (the streams as they are when the record is
   made, so a redirected ``sys.stdout`` or a test's capture gets it).
-- Rank filtering, in this one place: once ``set_rank`` has been told the rank, only rank 0
-  prints INFO and WARNING. ERROR prints on every rank; a record made with ``extra=ANY_RANK``
-  too: the metrics sink's, which exists on the logging rank only (the last pipeline stage).
+- Rank filtering, in this one place: only rank 0 prints INFO and WARNING (the rank comes from
+  the launcher's environment, or ``set_rank``). ERROR prints on every rank; a record made with
+  ``extra=ANY_RANK`` too, and under the run's own ``[gptforge]`` prefix: what the logging rank
+  (the last pipeline stage, which holds the loss) reports for the run -- metrics, the sample.
+- Records also propagate to the root logger (pytest's ``caplog``; nothing prints there unless an
+  application configures it).
 
 Modules take their logger with ``get_logger(__name__)``; data/'s ``logging.getLogger(__name__)``
 loggers are under ``gptforge`` as well and print the same way.
@@ -36,8 +39,9 @@ def set_rank(rank: int, world_size: int) -> None:
     _Rank.rank, _Rank.world_size = rank, world_size
 
 
-def prefix() -> str:
-    if _Rank.world_size > 1 and _Rank.rank != 0:
+def prefix(any_rank: bool = False) -> str:
+    """``[gptforge] `` or, on a rank other than 0 speaking for itself, ``[gptforge rank N] ``."""
+    if _Rank.world_size > 1 and _Rank.rank != 0 and not any_rank:
         return f"[{ROOT} rank {_Rank.rank}] "
     return f"[{ROOT}] "
 
@@ -45,7 +49,9 @@ def prefix() -> str:
 class _Format(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
-        return text if getattr(record, "plain", False) else prefix() + text
+        if getattr(record, "plain", False):
+            return text
+        return prefix(getattr(record, "any_rank", False)) + text
 
 
 class _RankFilter(logging.Filter):
@@ -74,7 +80,6 @@ def _install() -> logging.Logger:
         handler.addFilter(_RankFilter())
         root.addHandler(handler)
         root.setLevel(logging.INFO)
-        root.propagate = False
     return root
 
 

@@ -30,6 +30,9 @@ from typing import Any, Callable
 from gptforge.common.errors import UserError
 
 MISSING = object()
+# The versions the test suite runs on: what every patch was written against, and what an engine
+# build insists on (``parallel/versions.py``) unless told otherwise.
+TESTED = {"megatron-core": "0.16.1", "deepspeed": "0.19.8", "torch": "2.13.0"}
 
 
 class PatchError(UserError):
@@ -57,6 +60,7 @@ class Patch:
     target: str  # "package.module:Attr.path"
     replacement: Any = MISSING  # MISSING: a target that is only read or swapped briefly
     copied_sha256: str | None = None  # the upstream source a re-written body was copied from
+    inherited: bool = False  # a class attribute may come from a base class (else: its own)
     original: Any = MISSING  # what the target held before install
 
 
@@ -68,8 +72,8 @@ class Patches:
         self.patches: dict[str, Patch] = {}
 
     def add(self, name: str, target: str, replacement: Any = MISSING, *,
-            copied_sha256: str | None = None) -> Patch:
-        self.patches[name] = Patch(name, target, replacement, copied_sha256)
+            copied_sha256: str | None = None, inherited: bool = False) -> Patch:
+        self.patches[name] = Patch(name, target, replacement, copied_sha256, inherited)
         return self.patches[name]
 
     def fail(self, patch: Patch, why: str) -> PatchError:
@@ -93,7 +97,10 @@ class Patches:
     def _verified(self, patch: Patch) -> tuple[Any, str, Any]:
         """(owner, attribute, the upstream value) after the existence and source checks."""
         owner, attr = self._owner_of(patch)
-        current = inspect.getattr_static(owner, attr, MISSING)  # a staticmethod as it is
+        if isinstance(owner, type) and not patch.inherited:  # the class's own, not a base's
+            current = vars(owner).get(attr, MISSING)  # (a staticmethod as it is)
+        else:
+            current = inspect.getattr_static(owner, attr, MISSING)
         installed = patch.replacement is not MISSING and current is patch.replacement
         upstream = patch.original if installed else current
         if upstream is MISSING:

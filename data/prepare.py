@@ -67,7 +67,6 @@ FORMATS = ("pretrain", "sft")
 STATE_FILE = ".prepare-state.json"
 INDEX_FILE = "index.json"
 FORMAT = "gptforge-tokens-v1"
-CRASH_ENV = "GPTFORGE_PREPARE_CRASH_AFTER_DOCS"  # test hook: exit abruptly after N written docs
 OUTPUT_NAME = re.compile(r"(train|valid)-\d{6}\.tar(\.tmp)?|(index|\.prepare-state)\.json(\.tmp)?")
 
 
@@ -278,7 +277,7 @@ def _completed_index(out: Path, fingerprint: dict) -> dict | None:
     if index.get("fingerprint") != fingerprint:
         raise PrepareError(f"{index_path}: written from different inputs or settings; "
                            f"use a new --out directory")
-    log.info("%s: already complete", index_path)
+    log.debug("%s: already complete", index_path)
     return index
 
 
@@ -351,8 +350,15 @@ def _progress(total_bytes: int, enabled: bool) -> tqdm:
                 desc="prepare", disable=not enabled, smoothing=0.1)
 
 
-def prepare(settings: PrepareSettings, *, progress: bool = True) -> dict:
-    """Write the shards and ``index.json`` (resuming an interrupted run); return the index."""
+def no_document_hook(docs_written: int) -> None:
+    """The default ``after_document`` of ``prepare``: nothing."""
+
+
+def prepare(settings: PrepareSettings, *, progress: bool = True,
+            after_document: Callable[[int], None] = no_document_hook) -> dict:
+    """Write the shards and ``index.json`` (resuming an interrupted run); return the index.
+    ``after_document(n)`` is called after the n-th document this call wrote (the crash tests
+    kill the process there)."""
     check_settings(settings)
     files = expand_inputs(settings.inputs)
     tok = tokenizer.info(settings.tokenizer)
@@ -370,7 +376,7 @@ def prepare(settings: PrepareSettings, *, progress: bool = True) -> dict:
         _check_inputs(imap, files, settings.text_key, settings.format == "sft")
         with _undone_on_data_error(out):
             _make_dir(out)
-            _write_shards(out, settings, files, state, dtype, imap, progress)
+            _write_shards(out, settings, files, state, dtype, imap, progress, after_document)
             return _finish(out, settings, state, tok, dtype, fingerprint)
 
 
@@ -408,13 +414,13 @@ def _remove_added(out: Path, before: set[str], earlier_state: bytes | None) -> N
 
 
 def _write_shards(out: Path, settings: PrepareSettings, files: list[Path], state: dict,
-                  dtype: np.dtype, imap: Mapper, progress: bool) -> None:
+                  dtype: np.dtype, imap: Mapper, progress: bool,
+                  after_document: Callable[[int], None]) -> None:
     """Tokenize the documents not yet in a finished shard and append them to their split."""
     resume = _resume_ordinals(state)
     target = int(settings.shard_size_mb * (1 << 20))
     ext = SFT_EXT if settings.format == "sft" else ext_for_dtype(dtype)
     writers = [_SplitWriter(out, s, state["splits"][s], target, ext) for s in SPLITS]
-    crash_after = int(os.environ.get(CRASH_ENV, "0"))
     chunks = iter_chunks(files, settings.txt_unit, settings.docs_per_chunk, min(resume.values()))
     docs_written, last_ordinal, start = 0, -1, time.perf_counter()
     with _progress(sum(p.stat().st_size for p in files), progress) as bar:
@@ -426,8 +432,7 @@ def _write_shards(out: Path, settings: PrepareSettings, files: list[Path], state
                 if writers[split].add(ordinal, token_bytes, num_tokens):
                     _write_json_atomic(out / STATE_FILE, state)
                 docs_written += 1
-                if crash_after and docs_written >= crash_after:
-                    os._exit(3)
+                after_document(docs_written)
             bar.update(text_bytes)
             bar.set_postfix(docs_per_s=f"{docs_written / (time.perf_counter() - start):.0f}")
     for writer in writers:

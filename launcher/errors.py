@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 import traceback
 from pathlib import Path
 
 from gptforge.common.errors import UserError
+from gptforge.common.log import PLAIN, get_logger
 
 EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1
@@ -25,6 +25,8 @@ EXIT_USER_ERROR = 2
 EXIT_CHECKPOINTED = 75  # stopped by a signal after saving a checkpoint: restart me (EX_TEMPFAIL)
 DEBUG_ENV = "GPTFORGE_DEBUG"
 ERROR_DIR_ENV = "GPTFORGE_ERROR_DIR"
+
+log = get_logger(__name__)
 
 
 def debug_enabled() -> bool:
@@ -54,9 +56,9 @@ def report(exc: BaseException, rank: int | None = None, world_size: int = 1) -> 
         try:
             Path(error_dir, f"rank-{rank}.json").write_text(json.dumps(record))
         except OSError:
-            print(line, file=sys.stderr, flush=True)
+            log.error(line, extra=PLAIN)
     else:
-        print(line, file=sys.stderr, flush=True)
+        log.error(line, extra=PLAIN)
     if debug_enabled():
-        traceback.print_exception(exc, file=sys.stderr)
+        log.error("".join(traceback.format_exception(exc)).rstrip("\n"), extra=PLAIN)
     return code

@@ -22,10 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from gptforge.common.log import PLAIN, get_logger
 from gptforge.launcher.errors import (ERROR_DIR_ENV, EXIT_CHECKPOINTED, EXIT_INTERNAL_ERROR,
                                       EXIT_OK)
 from gptforge.parallel.context import free_port
 
+log = get_logger(__name__)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 FAILURE_GRACE_S = 3.0  # after a rank fails, how long the others get before SIGKILL
 _PR_SET_PDEATHSIG = 1
@@ -142,13 +144,13 @@ def _supervise(group: RankGroup, stop: dict) -> int:
         if EXIT_CHECKPOINTED not in codes:
             return EXIT_OK
         name = signal.Signals(stop["signum"]).name if stop["signum"] else "a signal"
-        print(f"gptforge: stopped by {name} after saving a checkpoint; the same command "
-              f"resumes the run", file=sys.stderr, flush=True)
+        log.warning(f"gptforge: stopped by {name} after saving a checkpoint; the same "
+                    f"command resumes the run", extra=PLAIN)
         return EXIT_CHECKPOINTED
     if stop["signum"] is not None and not group.error_records():
-        print(f"gptforge: stopped by {signal.Signals(stop['signum']).name}", file=sys.stderr)
+        log.warning(f"gptforge: stopped by {signal.Signals(stop['signum']).name}", extra=PLAIN)
         return 128 + stop["signum"]
-    print(_failure_line(group, *first), file=sys.stderr, flush=True)
+    log.error(_failure_line(group, *first), extra=PLAIN)
     return first[1] if first[1] > 0 else EXIT_INTERNAL_ERROR
 
 
@@ -180,6 +182,6 @@ def launch_local(nproc: int, argv: list[str], mlflow_run_dir: str | None = None)
         try:
             end_unfinished(mlflow_run_dir, "KILLED" if stop["signum"] else "FAILED")
         except Exception as err:  # noqa: BLE001 (the run's own outcome is what counts here)
-            print(f"gptforge: could not end the MLflow run of {mlflow_run_dir}: {err}",
-                  file=sys.stderr, flush=True)
+            log.warning(f"gptforge: could not end the MLflow run of {mlflow_run_dir}: {err}",
+                        extra=PLAIN)
     return code

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from contextlib import contextmanager
+
+from gptforge.common.log import get_logger
+
+log = get_logger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -39,10 +42,9 @@ def _take_early() -> tuple[list[int], dict[int, object]]:
 
 
 class StopRequest:
-    def __init__(self, announce: bool = True):
+    def __init__(self):
         self.signum: int | None = None
         self.count = 0
-        self.announce = announce
         self._saving = False
         self._adopted = False  # signum came from another rank; none arrived here yet
         self._previous: dict[int, object] = {}
@@ -82,14 +84,11 @@ class StopRequest:
             return
         if self.signum is None:
             self.signum = signum
-            if self.announce:
-                print(f"[gptforge] {signal.Signals(signum).name}: stopping after this step "
-                      f"(again to stop at once)", file=sys.stderr, flush=True)
+            log.warning(f"{signal.Signals(signum).name}: stopping after this step "
+                        f"(again to stop at once)")
             return
         if self._saving:
-            if self.announce:
-                print("[gptforge] a checkpoint is being written; it finishes first",
-                      file=sys.stderr, flush=True)
+            log.warning("a checkpoint is being written; it finishes first")
             return
         os._exit(128 + signum)
 

@@ -39,8 +39,8 @@ class SlurmStopRequest(StopRequest):
     A repeat of the first signal within REPEAT_WINDOW_S is the same request (the rank still
     checkpoints); another signal, or a repeat later on, stops at once as everywhere else."""
 
-    def __init__(self, announce: bool = True):
-        super().__init__(announce)
+    def __init__(self):
+        super().__init__()
         self._first_at = 0.0
 
     def _handle(self, signum, frame) -> None:
@@ -53,5 +53,5 @@ class SlurmStopRequest(StopRequest):
         super()._handle(signum, frame)
 
 
-def stop_request(announce: bool) -> StopRequest:
-    return SlurmStopRequest(announce) if in_slurm_job() else StopRequest(announce)
+def stop_request() -> StopRequest:
+    return SlurmStopRequest() if in_slurm_job() else StopRequest()

@@ -18,8 +18,14 @@ from contextlib import contextmanager
 
 import torch
 
+from gptforge.common.patching import TESTED, Patches
+
 MAX_TOKENS = 32
 _ACTIVE = "_gptforge_decode_layout"
+# The per-instance wrap shadows megatron's method: a rename upstream would leave it unused.
+UPSTREAM = Patches("decode layout", "megatron-core", TESTED["megatron-core"])
+for _cls in ("ColumnParallelLinear", "RowParallelLinear"):
+    UPSTREAM.add(_cls, f"megatron.core.tensor_parallel.layers:{_cls}._forward_impl")
 
 
 def _fast_impl(original, transposed: dict):
@@ -50,6 +56,7 @@ def decode_layout(model: torch.nn.Module) -> Iterator[None]:
     if next(model.parameters()).device.type != "cpu" or getattr(model, _ACTIVE, False):
         yield
         return
+    UPSTREAM.check()
     transposed: dict[int, torch.Tensor] = {}
     patched = [m for m in model.modules()
                if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]

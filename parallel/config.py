@@ -38,6 +38,9 @@ class ParallelConfig:
     """DeepSpeed: keep the optimizer state and step in host memory (ZeRO stage >= 1)."""
     offload_param: Literal["none", "cpu"] = "none"
     """DeepSpeed: keep the parameters in host memory between uses (ZeRO stage 3)."""
+    allow_untested_versions: bool = False
+    """Run on a megatron-core or DeepSpeed version other than the tested one (refused otherwise,
+    when the engine is built); the upstream patches are checked target by target either way."""
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from gptforge.common.errors import UserError
 from gptforge.common.log import get_logger
-from gptforge.common.patching import installed_version
+from gptforge.common.patching import TESTED, installed_version
 
-TESTED = {"megatron-core": "0.16.1", "deepspeed": "0.19.8"}
 ENGINE_LIBRARIES = {"megatron": ("megatron-core",), "deepspeed": ("megatron-core", "deepspeed")}
 OPT_IN = "parallel.allow_untested_versions"
 

@@ -70,3 +70,54 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------- honest tiers
+# `pytest -m "not slow"` is the quick pass: a test that starts ranks (processes that train:
+# gptforge train, the rank module, torchrun, deepspeed, Slurm jobs) must be marked slow. The
+# guard below fails an unmarked test at the moment it starts one, naming the command.
+
+_RANK_MODULES = ("gptforge.launcher.run", "torch.distributed.run", "tests.integration.crash_rank")
+_RANK_PROGRAMS = ("torchrun", "deepspeed", "sbatch", "srun")
+
+
+def starts_ranks(args) -> str | None:
+    """Why the command ``args`` starts ranks, or None."""
+    import shlex
+
+    argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else shlex.split(str(args))
+    names = [Path(a).name for a in argv]
+    for module in _RANK_MODULES:
+        if module in argv:
+            return f"-m {module}"
+    for program in _RANK_PROGRAMS:
+        if program in names[:1] or (program in names and "bash" not in names[:1]):
+            return program
+    cli = next((i for i, (a, n) in enumerate(zip(argv, names))
+                if n == "gptforge" or a == "gptforge.launcher.cli.main"), None)
+    if cli is None:
+        return None
+    verbs = [a for a in argv[cli + 1:] if not a.startswith("-")][:2]
+    if verbs[:1] == ["train"]:
+        return "gptforge train"
+    if verbs == ["launch", "deepspeed"] and "--dry-run" not in argv:
+        return "gptforge launch deepspeed"
+    if verbs == ["launch", "slurm"] and "--submit" in argv:
+        return "gptforge launch slurm --submit"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _quick_tests_start_no_ranks(request, monkeypatch):
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    real_init = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        why = starts_ranks(args)
+        if why is not None:
+            pytest.fail(f"{request.node.nodeid} starts ranks ({why}) but is not marked slow",
+                        pytrace=False)
+        real_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)

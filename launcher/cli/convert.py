@@ -38,7 +38,7 @@ def zero_to_fp32(checkpoint: str, out: str) -> Path:
     from gptforge.launcher.config import config_from_dict, merge_dicts, validate
     from gptforge.launcher.modelio.converted import check_out, finish, write_weights_only
     from gptforge.launcher.modelio.inference import ONE_PROCESS, one_process
-    from gptforge.launcher.run.entry import build_engine
+    from gptforge.launcher.run.build import build_engine
     from gptforge.parallel.context import init_parallel
     from gptforge.parallel.deepspeed.convert import fp32_state_dict
     from gptforge.parallel.weights import load_gpt_weights

@@ -30,7 +30,7 @@ def evaluate_model(loaded, shards: str, *, split: str, eval_iters: int | None,
     from gptforge.launcher.config import config_from_dict, merge_dicts, to_dict
     from gptforge.data.preflight import check_data
     from gptforge.data.shardspec import resolve
-    from gptforge.launcher.run.entry import build_batches
+    from gptforge.launcher.run.build import build_batches
     from gptforge.launcher.run.loop import evaluate
 
     src = resolve(shards, split)

@@ -160,7 +160,8 @@ def check_layout(cfg, hosts: Hosts, *, dry_run: bool):
     for the hostfile's world size (an error now is the hostfile's: named), then run dir and
     data (``preflight``; a dry run leaves the run dir alone)."""
     from gptforge.launcher.config import validate
-    from gptforge.launcher.run.entry import check_data, preflight
+    from gptforge.launcher.run.build import check_data
+    from gptforge.launcher.run.entry import preflight
 
     p = cfg.parallel
     validate(cfg, max(1, p.tensor_model_parallel_size) * max(1, p.pipeline_model_parallel_size))

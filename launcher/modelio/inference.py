@@ -70,7 +70,7 @@ def one_process() -> Iterator[None]:
 
 
 def _build(cfg: Config):
-    from gptforge.launcher.run.entry import build_engine
+    from gptforge.launcher.run.build import build_engine
     from gptforge.parallel.context import init_parallel
 
     layout = validate(cfg, 1)

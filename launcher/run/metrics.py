@@ -1,19 +1,23 @@
 """The one metrics path: console line + <run.dir>/metrics.jsonl + MLflow, on the logging rank only.
 
-Rank filtering happens here, once: ``build_sink`` returns a sink that drops everything on every
-rank but the logging one. MLflow goes through ``launcher/tracking/mlflow_run.py``: records are
-spooled in the run dir and sent by a background thread, so a slow or dead server never holds a
-step up; one MLflow run per run dir, continued by a resumed or requeued run.
+Which rank keeps the metrics is decided here, once: ``build_sink`` returns a sink that drops
+everything on every rank but the logging one (what prints where: ``common/log.py``). MLflow goes
+through ``launcher/tracking/``: records are spooled in the run dir and sent by a background
+process, so a slow or dead server never holds a step up; one MLflow run per run dir, continued
+by a resumed or requeued run.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from gptforge.common.log import ANY_RANK, PLAIN_ANY_RANK, get_logger
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -60,28 +64,27 @@ class MetricsSink:
     CONSOLE_KEYS = ("loss", "val_loss", "val_ppl", "lr", "grad_norm", "loss_scale",
                     "tokens_per_s", "tflops_per_device", "mfu", "mem_bytes")
 
-    def __init__(self, run_dir: str | Path, logging_cfg: LoggingConfig, stream=sys.stdout, *,
+    def __init__(self, run_dir: str | Path, logging_cfg: LoggingConfig, *,
                  run_name: str = "", fresh: bool = False, tags: dict | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", buffering=1)
-        self._stream = stream
         self._close_timeout = logging_cfg.mlflow_close_timeout_s
         self._mlflow = None
         if logging_cfg.mlflow:
             from gptforge.launcher.tracking.mlflow_run import MlflowTracker
 
             name = run_name or Path(run_dir).resolve().name
-            self._mlflow = MlflowTracker(run_dir, logging_cfg, name, fresh=fresh, stream=stream)
+            self._mlflow = MlflowTracker(run_dir, logging_cfg, name, fresh=fresh)
             self._mlflow.put({"op": "status", "status": "RUNNING"})
             if tags:
                 self._mlflow.put({"op": "tags", "values": tags})
             uri = self._mlflow.uri
-            print(f"[gptforge] MLflow: run {name!r} in {uri} (experiment "
-                  f"{logging_cfg.experiment_name!r}); view it: mlflow ui --backend-store-uri "
-                  f"{uri}" if uri.startswith("sqlite:") else
-                  f"[gptforge] MLflow: run {name!r} at {uri} (experiment "
-                  f"{logging_cfg.experiment_name!r})", file=stream, flush=True)
+            where = f"in {uri}" if uri.startswith("sqlite:") else f"at {uri}"
+            view = f"; view it: mlflow ui --backend-store-uri {uri}" \
+                if uri.startswith("sqlite:") else ""
+            log.info(f"MLflow: run {name!r} {where} (experiment "
+                     f"{logging_cfg.experiment_name!r}){view}", extra=ANY_RANK)
 
     def log(self, record: dict) -> None:
         record = {"time": time.time(), **record}
@@ -92,7 +95,7 @@ class MetricsSink:
                                                  if record.get(k) is not None]
         if record.get("skipped"):
             parts.append("SKIPPED (overflow)")
-        print(" | ".join(parts), file=self._stream, flush=True)
+        log.info(" | ".join(parts), extra=PLAIN_ANY_RANK)
         if self._mlflow is not None:
             numbers = {k: float(v) for k, v in record.items()
                        if isinstance(v, (int, float)) and k not in ("step", "time")

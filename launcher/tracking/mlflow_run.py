@@ -36,6 +36,7 @@ import uuid
 from pathlib import Path
 
 from gptforge.common.durable import Durability, write_atomic
+from gptforge.common.log import ANY_RANK, get_logger, set_rank
 
 STATE_DIR = "mlflow"
 HTTP_TIMEOUT_S = "5"  # one HTTP attempt's bound (MLflow's default: 120 s, with 7 retries)
@@ -43,6 +44,8 @@ MAX_BACKOFF_S = 30.0
 PARAM_CHARS = 6000  # MLflow's limit on a param value
 BATCH_METRICS = 1000
 BATCH_PARAMS = 100
+
+log = get_logger(__name__)
 
 
 def tracking_uri(logging_cfg, run_dir: str | Path) -> str:
@@ -239,13 +242,11 @@ class MlflowTracker:
     follows the outbox and sends. Being a process, its imports and HTTP waits never take the
     training process's interpreter lock."""
 
-    def __init__(self, run_dir: str | Path, logging_cfg, run_name: str, *, fresh: bool,
-                 stream=None):
+    def __init__(self, run_dir: str | Path, logging_cfg, run_name: str, *, fresh: bool):
         import subprocess
         import sys
 
         self.run_dir = Path(run_dir)
-        self._stream = stream
         if fresh:
             forget_run(self.run_dir)
         state = read_state(self.run_dir)
@@ -265,7 +266,7 @@ class MlflowTracker:
         self._file = self._path.open("a", buffering=1)
         self._sender = subprocess.Popen(
             [sys.executable, "-m", "gptforge.launcher.tracking.mlflow_run", str(self.run_dir)],
-            stdin=subprocess.PIPE, stdout=stream if _has_fileno(stream) else None,
+            stdin=subprocess.PIPE, preexec_fn=_ignore_stop_signals,
             env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
     def put(self, op: dict) -> None:
@@ -300,33 +301,30 @@ class MlflowTracker:
         self.state = {**read_state(self.run_dir), "unsent": left_over}
         write_state(self.run_dir, self.state)
         if left_over:
-            print(f"[gptforge] MLflow: {left_over} records not sent to {self.uri}; they are "
-                  f"kept in {self._path}: `gptforge mlflow sync {self.run_dir}` sends them "
-                  f"(a resumed run does too)", file=self._stream or sys.stderr, flush=True)
+            log.warning(f"MLflow: {left_over} records not sent to {self.uri}; they are kept in "
+                        f"{self._path}: `gptforge mlflow sync {self.run_dir}` sends them (a "
+                        f"resumed run does too)", extra=ANY_RANK)
         return left_over
 
 
-def _has_fileno(stream) -> bool:
-    try:
-        stream.fileno()
-        return True
-    except (AttributeError, OSError, ValueError):
-        return False
+def _ignore_stop_signals() -> None:
+    """Stop signals are for the ranks (``scancel --full`` signals every process of the step):
+    the sender ends when its rank closes its stdin, or dies. Set in the child before exec (an
+    ignored signal stays ignored across exec), so that no signal finds the sender still
+    starting up with the default, fatal, disposition."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def follow(run_dir: Path) -> int:
     """The sender process: follow the outbox, send in order, retry with backoff while the
     server is away; after end of stdin, send the rest (a dead server: one more attempt)."""
     import select
-    import signal
 
-    # stop signals are for the ranks (scancel --full signals every process of the step):
-    # this process ends when the rank closes its stdin, or dies
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-
-    def say(text: str) -> None:
-        print(f"[gptforge] {text}", file=sys.stderr, flush=True)
+    _ignore_stop_signals()  # (already so when the tracker started it; also for a bare start)
+    set_rank(0, 1)  # a helper of the logging rank, not a rank: its messages always print
 
     lock = _sender_lock(run_dir, wait_s=float("inf"))  # noqa: F841 (held until this exits)
     state = read_state(run_dir)
@@ -367,8 +365,8 @@ def follow(run_dir: Path) -> int:
             n = sender.send(pending[:BATCH_METRICS])
         except Exception as err:  # noqa: BLE001 (unreachable, refused, 5xx: retry later)
             if not failing:
-                say(f"MLflow at {state['tracking_uri']} is unreachable ({_short(err)}); "
-                    f"training goes on, records wait in {path}")
+                log.warning(f"MLflow at {state['tracking_uri']} is unreachable ({_short(err)}); "
+                            f"training goes on, records wait in {path}")
             failing = True
             if closing:
                 return 1
@@ -376,8 +374,8 @@ def follow(run_dir: Path) -> int:
             backoff = min(MAX_BACKOFF_S, backoff * 2)
             continue
         if failing:
-            say(f"MLflow at {state['tracking_uri']} is back; sending the {len(pending)} "
-                f"waiting records")
+            log.warning(f"MLflow at {state['tracking_uri']} is back; sending the "
+                        f"{len(pending)} waiting records")
         failing, backoff, wait = False, 0.5, 0.0
         sent = pending[n - 1]["seq"]
         del pending[:n]
@@ -412,7 +410,7 @@ def _short(err: BaseException) -> str:
     return (line[:160] + "...") if len(line) > 160 else line
 
 
-def sync(run_dir: str | Path, stream=None, wait_s: float = 30.0) -> tuple[int, int]:
+def sync(run_dir: str | Path, wait_s: float = 30.0) -> tuple[int, int]:
     """Send a run dir's unsent operations now (``gptforge mlflow sync``); (sent, left).
     Waits up to ``wait_s`` for a sender still at work (one sender at a time: never twice)."""
     run_dir = Path(run_dir)
@@ -467,8 +465,8 @@ def end_unfinished(run_dir: str | Path, status: str) -> bool:
         try:
             sync(run_dir)
         except Exception as err:  # noqa: BLE001 (server away, or a sender still at it)
-            print(f"[gptforge] MLflow: records of {run_dir} not sent ({_short(err)}); "
-                  f"`gptforge mlflow sync {run_dir}` sends them", file=sys.stderr, flush=True)
+            log.warning(f"MLflow: records of {run_dir} not sent ({_short(err)}); "
+                        f"`gptforge mlflow sync {run_dir}` sends them", extra=ANY_RANK)
     return ended_here
 
 

@@ -15,17 +15,21 @@ and nowhere else:
    construction only. In a step the one such check is gradient clipping's; clipping runs as
    ``clip_grad_by_total_norm_cpu`` (the same scaling, the check made on the dtype), so a step
    runs no TorchFunctionMode at all.
+
+Every assignment goes through ``common/patching.py`` (``TORCH_PATCHES``, ``PATCHES``): a target
+an upgrade renamed stops the run with one line naming it, instead of silently patching nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import types
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from gptforge.common.patching import TESTED, Patches
 
 _APPLIED = False
 _CPU = torch.device("cpu")
@@ -171,27 +175,52 @@ def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _cpu_current_device():
+    return _CPU
+
+
+def _no_synchronize(*args, **kwargs) -> None:
+    return None
+
+
+def _cpu_rng_state(*args, **kwargs):
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(state, *args, **kwargs) -> None:
+    torch.set_rng_state(state)
+
+
+_RANDOM = "megatron.core.tensor_parallel.random"
+# torch's CUDA entry points megatron calls, on a torch without CUDA (common/patching.py).
+TORCH_PATCHES = Patches("CPU layer", "torch", TESTED["torch"])
+TORCH_PATCHES.add("cuda device", "torch.cuda:current_device", _cpu_current_device)
+TORCH_PATCHES.add("cuda synchronize", "torch.cuda:synchronize", _no_synchronize)
+TORCH_PATCHES.add("Tensor.cuda", "torch:Tensor.cuda", _tensor_cuda, inherited=True)
+# megatron's CUDA-only pieces; clipping's body is re-written (its source hash is checked).
+PATCHES = Patches("CPU layer", "megatron-core", TESTED["megatron-core"])
+PATCHES.add("rng tracker", f"{_RANDOM}:CudaRNGStatesTracker", CpuRNGStatesTracker)
+PATCHES.add("rng state", f"{_RANDOM}:_get_cuda_rng_state", _cpu_rng_state)
+PATCHES.add("set rng state", f"{_RANDOM}:_set_cuda_rng_state", _set_cpu_rng_state)
+PATCHES.add("rng tracker init", f"{_RANDOM}:initialize_rng_tracker")
+PATCHES.add("clip", "megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32",
+            clip_grad_by_total_norm_cpu, copied_sha256="8edb9da5365045a5")
+_CPU_TORCH = _CpuTorch()
+for _name in _LITERAL_CUDA_MODULES:
+    PATCHES.add(f"device='cuda' in {_name}", f"{_name}:torch", _CPU_TORCH)
+
+
 def apply() -> bool:
-    """Install the compatibility layer if CUDA is absent. Idempotent; returns whether applied."""
+    """Install the compatibility layer if CUDA is absent (idempotent: each target checked, one
+    line if one is missing); returns whether it is in place."""
     global _APPLIED
-    if _APPLIED or not needed():
-        return _APPLIED
-    torch.cuda.current_device = lambda: _CPU
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.Tensor.cuda = _tensor_cuda
+    if not needed():
+        return False
+    TORCH_PATCHES.install()
+    PATCHES.install()
+    if not _APPLIED:
+        from megatron.core.tensor_parallel import random as mrandom
 
-    from megatron.core.tensor_parallel import random as mrandom
-
-    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
-    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    mrandom.initialize_rng_tracker(force_reset=True)
-
-    cpu_torch = _CpuTorch()
-    for name in _LITERAL_CUDA_MODULES:
-        importlib.import_module(name).torch = cpu_torch
-    from megatron.core.optimizer import optimizer as moptimizer
-
-    moptimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+        mrandom.initialize_rng_tracker(force_reset=True)  # builds a CpuRNGStatesTracker now
     _APPLIED = True
     return True

@@ -125,12 +125,15 @@ class MegatronEngine:
             tcfg.no_sync_func = tcfg.no_sync_func[0]
         self._forward_backward = get_forward_backward_func()
         self._param_count = sum(p.numel() for c in chunks for p in c.parameters())
+        self._last_save = None  # the SaveHandle of the newest save (async: maybe in flight)
 
     def save(self, directory, *, async_save: bool = False):
+        """One save in flight at a time: a new one first finishes this engine's previous one."""
         from gptforge.parallel.megatron.checkpoint import save_state
 
-        return save_state(self.model_chunks, self.optimizer, self.scheduler, directory,
-                          async_save=async_save)
+        self._last_save = save_state(self.model_chunks, self.optimizer, self.scheduler,
+                                     directory, async_save=async_save, previous=self._last_save)
+        return self._last_save
 
     def load(self, directory, *, load_optim: bool = True) -> dict:
         from gptforge.parallel.megatron.checkpoint import load_state

@@ -24,16 +24,22 @@ warn   megatron's grad buffers call ``torch.distributed.reduce_scatter_tensor`` 
 
 Fixes a, b and d concern the torch-Adam path of the distributed optimizer (no Apex/TE: CPU, and
 our GPU machines too); where Apex or Transformer Engine provides the optimizer they step aside.
-c and e apply to every distributed optimizer. megatron_checkpoint's own distributed-optimizer
+c and e apply to every distributed optimizer. The checkpoint package's own distributed-optimizer
 save and load (per-rank boxes, read in place) do not go through the code of b, c and e, but
 megatron's own paths do (its fallback for unsupported optimizers, Megatron-LM-style tools);
 a and d matter to both. ``disabled(*names)`` switches fixes off for a block, so that tests can
 show each one matters.
+
+Every target is listed in ``PATCHES`` (``common/patching.py``), with what the fixes only read:
+a fix is installed only once its target is found and, where it re-writes an upstream body, that
+body still hashes to what the fix was written against. Otherwise the engine build stops with
+one line naming the target and the installed megatron-core version.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pickle
 import shutil
@@ -45,16 +51,13 @@ from queue import Empty
 import torch
 
 from gptforge.common.durable import Durability, write_atomic
+from gptforge.common.patching import TESTED, Patches
 
 FIXES = ("spawn", "writer", "a", "b", "c", "d", "e")
+_FILESYSTEM_ASYNC = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+_DISTRIB_OPTIMIZER = "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer"
 
-_applied = False
 _disabled: set[str] = set()
-_originals: dict[str, object] = {}
-
-
-def is_applied() -> bool:
-    return _applied
 
 
 @contextlib.contextmanager
@@ -126,15 +129,8 @@ class FileResultsQueue:
 
 def _write_results_queue():
     if not _on("spawn"):
-        return _originals["spawn"]()
+        return PATCHES.original("spawn")()
     return FileResultsQueue()
-
-
-def _install_spawn_fix() -> None:
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    _originals["spawn"] = filesystem_async._get_write_results_queue
-    filesystem_async._get_write_results_queue = _write_results_queue
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,8 +160,8 @@ def _write_preloaded_data_multiproc(transform_list, use_msc, rank, write_buckets
         FileSystemWriterAsync
 
     if not _on("writer"):
-        return _originals["writer"](transform_list, use_msc, rank, write_buckets,
-                                    global_results_queue)
+        return PATCHES.original("writer").__func__(transform_list, use_msc, rank, write_buckets,
+                                                   global_results_queue)
     ctx = mp.get_context("fork")
     results, count = ctx.Queue(), ctx.JoinableQueue()  # the writer's API needs both
     procs = []
@@ -204,17 +200,6 @@ def _write_preloaded_data_multiproc(transform_list, use_msc, rank, write_buckets
     global_results_queue.put(written if outcome is None else outcome)
 
 
-def _install_writer_fix() -> None:
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import \
-        FileSystemWriterAsync
-
-    from megatron.core.dist_checkpointing.strategies.async_utils import _disable_gc
-
-    _originals["writer"] = FileSystemWriterAsync.write_preloaded_data_multiproc
-    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(
-        _disable_gc()(_write_preloaded_data_multiproc))  # as upstream: no GC while writing
-
-
 # --------------------------------------------------------------------------------------------
 # a-d: the distributed optimizer's torch-Adam path
 # --------------------------------------------------------------------------------------------
@@ -239,7 +224,7 @@ def _state_dict(self):
     placeholder ``step`` of 0 for the duration of the call (the value upstream would need),
     then leave the state empty again, exactly as it was.
     """
-    original = _originals["a"]
+    original = PATCHES.original("a")
     if not _on("a") or not _torch_adam_path(self) or len(self.optimizer.state) > 0:
         return original(self)
     zero = torch.zeros((), dtype=torch.float32)
@@ -264,7 +249,7 @@ def _set_main_param_and_optimizer_states_b(self, model_param, tensors):
     silently overwrites the loaded one (Adam's bias correction restarts, training diverges from
     the uninterrupted run). Fix: copy param, exp_avg, exp_avg_sq; leave ``step`` alone.
     """
-    original = _originals["b"]
+    original = PATCHES.original("b")
     if (not _on("b") or not _torch_adam_path(self)
             or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8):
         return original(self, model_param, tensors)
@@ -306,7 +291,7 @@ def _load_state_dict(self, state_dict):
     off by ~1e-2 after a few steps on the tiny model). Fix: after the upstream load, give each
     param a private copy of its step.
     """
-    _originals["d"](self, state_dict)
+    PATCHES.original("d")(self, state_dict)
     if not _on("d") or not _torch_adam_path(self):
         return
     for state in self.optimizer.state.values():
@@ -342,7 +327,7 @@ def _sharded_param_state_fully_reshardable(self, model_sharded_state_dict, is_lo
     the call, give each buffer a ``param_index_map`` shifted to the gathered layout (the
     method's only use of it; the checkpoint's keys and shapes do not change).
     """
-    original = _originals["e"]
+    original = PATCHES.original("e")
     if not _on("e"):
         return original(self, model_sharded_state_dict, is_loading, metadata)
     saved = [buffer.param_index_map for buffer in self.buffers]
@@ -355,29 +340,41 @@ def _sharded_param_state_fully_reshardable(self, model_sharded_state_dict, is_lo
             buffer.param_index_map = index_map
 
 
-def _install_distrib_optimizer_fixes() -> None:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as D
-
-    _originals["a"] = D.state_dict
-    _originals["b"] = D._set_main_param_and_optimizer_states
-    _originals["d"] = D.load_state_dict
-    _originals["e"] = D.sharded_param_state_fully_reshardable
-    D.state_dict = _state_dict
-    D._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states_c
-    D.load_state_dict = _load_state_dict
-    D.sharded_param_state_fully_reshardable = _sharded_param_state_fully_reshardable
+def _write_preloaded_data_multiproc_gc_off(*args, **kwargs) -> None:
+    """As upstream: no garbage collection while the writers run (megatron's ``_disable_gc``)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _write_preloaded_data_multiproc(*args, **kwargs)
+    finally:
+        if enabled:
+            gc.enable()
 
 
-def apply() -> bool:
-    """Install every fix (idempotent). Call before building optimizers or saving checkpoints."""
-    global _applied
-    if _applied:
-        return False
-    _install_spawn_fix()
-    _install_writer_fix()
-    _install_distrib_optimizer_fixes()
+# Each fix's target; a re-written upstream body carries the hash of the source it was written
+# against (megatron-core 0.16.1): ``common/patching.py`` refuses to install over another.
+PATCHES = Patches("megatron fix", "megatron-core", TESTED["megatron-core"])
+PATCHES.add("spawn", f"{_FILESYSTEM_ASYNC}:_get_write_results_queue", _write_results_queue)
+PATCHES.add("writer", f"{_FILESYSTEM_ASYNC}:FileSystemWriterAsync.write_preloaded_data_multiproc",
+            staticmethod(_write_preloaded_data_multiproc_gc_off),
+            copied_sha256="c6477519938bea8c")
+PATCHES.add("writer's worker", f"{_FILESYSTEM_ASYNC}:FileSystemWriterAsync.write_preloaded_data")
+PATCHES.add("a", f"{_DISTRIB_OPTIMIZER}.state_dict", _state_dict)
+PATCHES.add("b", f"{_DISTRIB_OPTIMIZER}._set_main_param_and_optimizer_states",
+            _set_main_param_and_optimizer_states_c, copied_sha256="0f5b599c6cb16c50")
+PATCHES.add("d", f"{_DISTRIB_OPTIMIZER}.load_state_dict", _load_state_dict)
+PATCHES.add("e", f"{_DISTRIB_OPTIMIZER}.sharded_param_state_fully_reshardable",
+            _sharded_param_state_fully_reshardable)
+# What _torch_adam_path reads to tell torch's Adam from Apex/TE's and the hybrid optimizer:
+_DOPT = _DISTRIB_OPTIMIZER.split(":")[0]
+PATCHES.add("a, b, d (Apex/TE check)", f"{_DOPT}:HAVE_APEX_OR_TE")
+PATCHES.add("a, b, d (hybrid check)", f"{_DOPT}:HybridDeviceOptimizer")
+
+
+def apply() -> None:
+    """Install every fix (idempotent; each target checked, one line if one is missing). Call
+    before building optimizers or saving checkpoints."""
+    PATCHES.install()
     for name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
         warnings.filterwarnings("ignore", category=FutureWarning,
                                 message=rf"`torch\.distributed\.{name}` is deprecated")
-    _applied = True
-    return True

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from gptforge.launcher.config import load_config, validate
-from gptforge.launcher.run.entry import build_batches, build_engine
+from gptforge.launcher.run.build import build_batches, build_engine
 from gptforge.parallel.megatron import checkpoint as mc
 from gptforge.parallel.megatron import fixes as megatron_fixes
 from gptforge.parallel.context import (destroy_model_parallel, destroy_parallel, init_parallel,
@@ -101,12 +101,9 @@ def _save_and_continue(spec, out, common):
     run = build(common + spec["save"])
     for _ in range(spec["save_at"]):
         run.step()
-    own, mc._OWN_DISTOPT_SAVE = mc._OWN_DISTOPT_SAVE, not spec.get("megatron_save", False)
-    try:
-        with megatron_fixes.disabled(*spec.get("disable", [])):
-            handle = mc.save_state(*run.state(), ckpt, async_save=spec.get("async", False))
-    finally:
-        mc._OWN_DISTOPT_SAVE = own
+    with megatron_fixes.disabled(*spec.get("disable", [])):
+        handle = mc.save_state(*run.state(), ckpt, async_save=spec.get("async", False),
+                               own_distopt=not spec.get("megatron_save", False))
     info = {"blocked_s": handle.blocked_s}
     # The uninterrupted run: the same engine goes on. With an async save it trains while the
     # writer runs, so the checkpoint must hold the step-k state, not what training does next.
@@ -168,23 +165,19 @@ def case_fixes(spec, out: Path, common):
 
     def resume(disabled=(), sharded_ckpt=ckpt, megatron_load=True):
         # Fixes a-d are about megatron's own load path: use it (ours reads in place).
-        own, mc._OWN_DISTOPT_LOAD = mc._OWN_DISTOPT_LOAD, not megatron_load
-        try:
-            with megatron_fixes.disabled(*disabled):
-                run = build(layout)
-                mc.load_state(*run.state(), sharded_ckpt)
-                optimizers = mc._inner_optimizers(run.engine.optimizer)
-                steps_after_load = {id(s["step"]) for opt in optimizers
-                                    for s in opt.optimizer.state.values()}
-                n_states = sum(len(opt.optimizer.state) for opt in optimizers)
-                run.skip_to(k)
-                losses = [run.step() for _ in range(steps - k)]
-                step_values = sorted({int(s["step"]) for opt in
-                                      mc._inner_optimizers(run.engine.optimizer)
-                                      for s in opt.optimizer.state.values()})
-                _finish(run)
-        finally:
-            mc._OWN_DISTOPT_LOAD = own
+        with megatron_fixes.disabled(*disabled):
+            run = build(layout)
+            mc.load_state(*run.state(), sharded_ckpt, own_distopt=not megatron_load)
+            optimizers = mc.inner_optimizers(run.engine.optimizer)
+            steps_after_load = {id(s["step"]) for opt in optimizers
+                                for s in opt.optimizer.state.values()}
+            n_states = sum(len(opt.optimizer.state) for opt in optimizers)
+            run.skip_to(k)
+            losses = [run.step() for _ in range(steps - k)]
+            step_values = sorted({int(s["step"]) for opt in
+                                  mc.inner_optimizers(run.engine.optimizer)
+                                  for s in opt.optimizer.state.values()})
+            _finish(run)
         return {"losses": losses, "distinct_step_tensors": len(steps_after_load),
                 "param_states": n_states, "step_values": step_values}
 
@@ -203,11 +196,7 @@ def case_fixes(spec, out: Path, common):
     run = build(layout)
     for _ in range(k):
         run.step()
-    old, mc._SAVE_SHARDING_TYPE = mc._SAVE_SHARDING_TYPE, "dp_reshardable"
-    try:
-        mc.save_state(*run.state(), dp_ckpt)
-    finally:
-        mc._SAVE_SHARDING_TYPE = old
+    mc.save_state(*run.state(), dp_ckpt, sharding="dp_reshardable")
     _finish(run)
     result["without_c"] = _expect_failure(lambda: resume(("c",), dp_ckpt))
     destroy_model_parallel()
@@ -319,7 +308,7 @@ def case_bad_input(spec, out: Path, common):
 
 def _optimizer_state_size(run: Run) -> int:
     """Params with Adam state: a fresh engine whose load failed must still have none."""
-    return sum(len(o.optimizer.state) for o in mc._inner_optimizers(run.engine.optimizer))
+    return sum(len(o.optimizer.state) for o in mc.inner_optimizers(run.engine.optimizer))
 
 
 def _error_of(fn):
@@ -332,24 +321,46 @@ def _error_of(fn):
     return {"type": None, "message": ""}
 
 
+def _spawn_managers_started(save) -> int:
+    """How many multiprocessing spawn Managers ``save()`` starts (a spy on the spawn context)."""
+    from multiprocessing import context as mp_context
+
+    started = []
+    real = mp_context.SpawnContext.Manager
+
+    def spy(self, *args, **kwargs):
+        started.append(1)
+        return real(self, *args, **kwargs)
+
+    mp_context.SpawnContext.Manager = spy
+    try:
+        save()
+    finally:
+        del mp_context.SpawnContext.Manager  # BaseContext's again
+    return len(started)
+
+
 def case_spawn(spec, out: Path, common):
-    """The first save of a process (megatron would start a spawn Manager here, 4-5 s) and the
-    results queue that replaces it: a forked writer's large result, read after the join."""
+    """The first save of a process (megatron starts a spawn Manager there, 4-5 s; the fix, a
+    results file) and the results queue that replaces it: a forked writer's large result, read
+    after the join."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     run = build(common)
     run.step()
-    t = time.perf_counter()
-    mc.save_state(*run.state(), out / "spawn_ckpt")
-    first_save_s = time.perf_counter() - t
+    with megatron_fixes.disabled("spawn"):
+        upstream = _spawn_managers_started(lambda: mc.save_state(*run.state(),
+                                                                 out / "spawn_upstream"))
+    ours = _spawn_managers_started(lambda: mc.save_state(*run.state(), out / "spawn_ckpt"))
     _finish(run)
     queue = filesystem_async._get_write_results_queue()
     payload = list(range(200_000))  # ~1 MB pickled: far more than a pipe buffer
     child = multiprocessing.get_context("fork").Process(target=queue.put, args=(payload,))
     child.start()
     child.join(timeout=60)
-    return {"first_save_s": first_save_s, "queue_type": type(queue).__name__,
-            "child_exitcode": child.exitcode, "round_trip": queue.get_nowait() == payload}
+    return {"spawn_managers": ours, "spawn_managers_without_fix": upstream,
+            "queue_type": type(queue).__name__, "child_exitcode": child.exitcode,
+            "round_trip": queue.get_nowait() == payload}
 
 
 CASES = {"reference": case_reference, "resume": case_resume, "fixes": case_fixes,
@@ -368,7 +379,6 @@ def main() -> None:
             results[case["name"]]["case_s"] = time.perf_counter() - t
             if dist.get_rank() == 0:
                 print(f"[ckpt_worker] {case['name']}: {time.perf_counter() - t:.1f}s", flush=True)
-        mc.wait_for_pending_save()
     finally:
         if dist.is_initialized() and dist.get_rank() == 0:
             (out / "results.json").write_text(json.dumps(results, indent=1, default=str))

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gptforge.launcher.config import load_config, to_dict, validate
-from gptforge.launcher.run.entry import build_batches, build_engine
+from gptforge.launcher.config import load_config, validate
+from gptforge.launcher.run.build import build_batches, build_engine
 from gptforge.parallel.context import (destroy_model_parallel, destroy_parallel, init_parallel,
                                        world_size_from_env)
 from gptforge.parallel.engine import CheckpointError
@@ -194,6 +194,7 @@ class _NoStop:
 
 def case_eval_converted(case: dict) -> dict:
     from gptforge.launcher.run.checkpoint.checkpointer import Checkpointer
+    from gptforge.launcher.run.entry import run_record
     from gptforge.launcher.run.loop import evaluate
 
     cfg = load_config([TINY], case["overrides"])
@@ -202,9 +203,8 @@ def case_eval_converted(case: dict) -> dict:
     set_seed(cfg.train.seed, ctx.pp_rank)
     engine = build_engine(cfg, layout, ctx)
     batches = build_batches(cfg, layout, ctx, "train")
-    ckpt = Checkpointer(cfg.checkpoint, run_dir=cfg.run.dir, ctx=ctx, engine=engine,
-                        batches=batches, config=to_dict(cfg), layout=layout,
-                        tokenizer_sha256=None, stop=_NoStop())
+    ckpt = Checkpointer(cfg.checkpoint, run_record(cfg), run_dir=cfg.run.dir, ctx=ctx,
+                        engine=engine, batches=batches, layout=layout, stop=_NoStop())
     errors = {}
     for name, path, load_optim in (("load_optim", case["converted"], True),
                                    ("deepspeed_into_megatron", case["deepspeed"], False)):

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from gptforge.launcher.config import load_config, validate
-from gptforge.launcher.run.entry import build_batches, build_engine
+from gptforge.launcher.run.build import build_batches, build_engine
 from gptforge.parallel.context import destroy_model_parallel, destroy_parallel, init_parallel
 from gptforge.parallel.seeding import set_seed
 from tests.distributed.layouts_worker import TINY

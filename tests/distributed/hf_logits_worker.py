@@ -11,7 +11,7 @@ import torch
 
 from gptforge.launcher.run.checkpoint import format as ck
 from gptforge.launcher.config import config_from_dict, merge_dicts, validate
-from gptforge.launcher.run.entry import build_engine
+from gptforge.launcher.run.build import build_engine
 from gptforge.parallel.context import destroy_parallel, init_parallel, world_size_from_env
 from gptforge.parallel.weights import unwrapped
 

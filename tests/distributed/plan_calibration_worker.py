@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gptforge.launcher.config import load_config, validate
-from gptforge.launcher.run.entry import build_batches, build_engine
+from gptforge.launcher.run.build import build_batches, build_engine
 from gptforge.parallel.context import (all_gather_objects, destroy_model_parallel,
                                        destroy_parallel, env_rank_info, init_parallel)
 from gptforge.parallel.seeding import set_seed

@@ -118,7 +118,6 @@ def test_saving_does_not_perturb_training(two):
 def test_async_save_holds_the_step_k_state_while_training_goes_on(two):
     r = two["dp2_distopt_async"]
     assert r["losses"] == r["continued"] == two["dp2_distopt"]["continued"]
-    assert r["blocked_s"] <= r["total_s"]
 
 
 # ---- resharding: within 1e-5 ----------------------------------------------------------------
@@ -155,11 +154,11 @@ def test_save_lists_every_file_it_wrote_with_sizes(two, out_dir):
     assert {n for n in files if n.endswith(".distcp")} >= {"__0_0.distcp", "__1_0.distcp"}
 
 
-def test_save_is_fast_without_a_spawn_manager(one, two):
+def test_a_save_starts_no_spawn_manager(one):
     """megatron starts a spawn Manager on a process's first save (4-5 s); the fix avoids it."""
     assert one["spawn"]["queue_type"] == "FileResultsQueue"
-    assert one["spawn"]["first_save_s"] < 3.0  # ~0.1 s measured; loose for loaded machines
-    assert two["dp2_distopt"]["total_s"] < 3.0
+    assert one["spawn"]["spawn_managers_without_fix"] == 1
+    assert one["spawn"]["spawn_managers"] == 0
 
 
 def test_results_queue_survives_a_forked_writer_with_a_large_result(one):

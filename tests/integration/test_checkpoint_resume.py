@@ -23,7 +23,6 @@ from gptforge.launcher.run.checkpoint import format as ck
 from tests.conftest import ROOT, TINY, metrics
 
 GPTFORGE = str(Path(sys.executable).parent / "gptforge")
-CRASH = ck.CRASH_ENV
 
 
 def gptforge(*args, env=None, timeout=300):
@@ -73,7 +72,10 @@ def uninterrupted(shards, tmp_path_factory):
 ])
 def test_killed_run_resumes_bitwise(shards, uninterrupted, tmp_path, crash, resumes_at, extra):
     run_dir = tmp_path / "run"
-    killed = gptforge(*train_args(shards, run_dir, 8, *extra), env={CRASH: crash})
+    killed = subprocess.run([sys.executable, "-m", "tests.integration.crash_rank", crash,
+                             *train_args(shards, run_dir, 8, *extra)[1:]], capture_output=True,
+                            text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert killed.returncode == -signal.SIGKILL
     save = run_dir / "checkpoints"
     assert ck.read_latest(save).name == ck.step_name(resumes_at)

@@ -5,7 +5,6 @@ a run really ended; the step never waits for MLflow."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -167,7 +166,7 @@ def test_a_dead_server_costs_the_step_nothing_and_the_records_wait(tmp_path):
     hole.listen(16)  # accepts, never answers: each HTTP attempt waits for its timeout
     cfg = LoggingConfig(mlflow=True, mlflow_close_timeout_s=30,
                         mlflow_tracking_uri=f"http://127.0.0.1:{hole.getsockname()[1]}")
-    sink = MetricsSink(tmp_path / "run", cfg, stream=io.StringIO(), fresh=True)
+    sink = MetricsSink(tmp_path / "run", cfg, fresh=True)
     worst = 0.0
     for step in range(1, 201):
         t = time.perf_counter()
@@ -201,7 +200,7 @@ def test_records_wait_for_the_store_and_a_resumed_run_replays_them(tmp_path):
     run_dir = tmp_path / "run"
 
     def sink(fresh):
-        return MetricsSink(run_dir, cfg, stream=io.StringIO(), fresh=fresh, run_name="replay")
+        return MetricsSink(run_dir, cfg, fresh=fresh, run_name="replay")
 
     first = sink(True)
     first.log_params({"a.b": 1})
@@ -213,8 +212,7 @@ def test_records_wait_for_the_store_and_a_resumed_run_replays_them(tmp_path):
     # the resumed run: its sender starts while the store is still blocked
     second = sink(False)
     sender = second._mlflow._sender
-    time.sleep(1.0)
-    sender.send_signal(signal.SIGUSR1)
+    sender.send_signal(signal.SIGUSR1)  # at once: it ignores them from its first instruction
     sender.send_signal(signal.SIGTERM)
     second.log({"step": 6, "loss": 6.0})
     blocker.unlink()  # the store comes back mid-run

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path 
 
 @pytest.fixture()
 def engine():
-    from gptforge.launcher.run.entry import build_batches, build_engine
+    from gptforge.launcher.run.build import build_batches, build_engine
     from gptforge.parallel.seeding import set_seed
 
     cfg = load_config([TINY], ["--optim.clip_grad=0.05"])  # small enough to clip every step

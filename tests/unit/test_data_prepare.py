@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,10 @@ import numpy as np
 import pytest
 
 from gptforge.data import tokenizer
-from gptforge.data.prepare import CRASH_ENV, PrepareError, PrepareSettings, prepare
+from gptforge.data.prepare import PrepareError, PrepareSettings, prepare
 from gptforge.data.shards import iter_shard_members
 from gptforge.data.text_inputs import InputError
+from tests.conftest import ROOT
 
 
 
@@ -78,15 +78,15 @@ def test_crash_then_rerun_equals_one_clean_run(text_corpus, tiny_tokenizer, tmp_
                                                crash_after_docs, workers):
     clean = clean_run
     out = tmp_path / "crashed"
-    args = [sys.executable, "-m", "gptforge.launcher.cli.main", "data", "prepare", "--input",
-            str(text_corpus), "--tokenizer", str(tiny_tokenizer), "--out", str(out),
+    args = ["--input", str(text_corpus), "--tokenizer", str(tiny_tokenizer), "--out", str(out),
             "--valid-fraction", "0.1", "--shard-size-mb", "0.04", "--workers", str(workers),
             "--no-progress", "--command", "test"]
-    env = {**os.environ, CRASH_ENV: str(crash_after_docs)}
-    assert subprocess.run(args, env=env, capture_output=True).returncode == 3
+    crashing = [sys.executable, "-m", "tests.unit.prepare_crash", str(crash_after_docs), *args]
+    assert subprocess.run(crashing, capture_output=True, cwd=ROOT).returncode == 3
     assert list(out.glob("*.tmp")) and not (out / "index.json").exists()
     finished_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     assert finished_before or crash_after_docs < 100
+    args = [sys.executable, "-m", "gptforge.launcher.cli.main", "data", "prepare", *args]
     assert subprocess.run(args, capture_output=True).returncode == 0
     assert dir_bytes(out) == dir_bytes(clean)
     kept = {n for n, t in finished_before.items() if (out / n).stat().st_mtime_ns == t}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -12,20 +11,20 @@ from gptforge.launcher.run.metrics import LoggingConfig, MetricsSink, NullSink, 
 from gptforge.launcher.tracking.report import read_series, write_report
 
 
-def test_sink_without_mlflow_writes_jsonl_and_one_line_per_step(tmp_path):
-    out = io.StringIO()
+def test_sink_without_mlflow_writes_jsonl_and_one_line_per_step(tmp_path, capsys):
     sink = build_sink(str(tmp_path), LoggingConfig(), True)
     assert isinstance(sink, MetricsSink) and isinstance(build_sink(str(tmp_path),
                                                                     LoggingConfig(), False),
                                                          NullSink)
-    sink = MetricsSink(tmp_path, LoggingConfig(), stream=out)
+    sink = MetricsSink(tmp_path, LoggingConfig())
     sink.log_params({"a.b": 1})
     sink.log({"step": 1, "loss": 2.5, "skipped": True})
     sink.log({"event": "restart", "step": 1})
     sink.close("FINISHED")
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("loss") for r in lines] == [2.5, None]
-    assert out.getvalue().count("step      1") == 1 and "SKIPPED" in out.getvalue()
+    out = capsys.readouterr().out
+    assert out.count("step      1") == 1 and "SKIPPED" in out
     assert not (tmp_path / "mlflow").exists()
 
 

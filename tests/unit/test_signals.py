@@ -9,7 +9,7 @@ import textwrap
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from gptforge.launcher.signals import StopRequest
-    stop = StopRequest(announce=False).install()
+    stop = StopRequest().install()
     os.kill(os.getpid(), signal.SIGUSR1)
     assert stop.requested and stop.signal_name == "SIGUSR1"
     with stop.saving():
@@ -39,7 +39,7 @@ def test_second_signal_waits_for_the_save_and_a_third_outside_ends_the_process()
 ADOPTED = textwrap.dedent("""
     import os, signal
     from gptforge.launcher.signals import StopRequest
-    stop = StopRequest(announce=False).install()
+    stop = StopRequest().install()
     stop.adopt(signal.SIGUSR1)  # another rank got it first (the ranks agreed on a stop)
     assert stop.requested and stop.signal_name == "SIGUSR1"
     os.kill(os.getpid(), signal.SIGUSR1)  # this rank's own copy, late: the same stop

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
@@ -141,9 +140,8 @@ def test_flops_per_token_counts_matmuls_logits_and_attention():
     assert matmul_params_per_layer(gqa) == 64 * (64 + 2 * 2 * 16) + 64 * 64 + 3 * 64 * 128
 
 
-def test_metrics_sink_writes_jsonl_and_one_console_line_per_record(tmp_path):
-    stream = io.StringIO()
-    sink = MetricsSink(tmp_path, LoggingConfig(), stream=stream)
+def test_metrics_sink_writes_jsonl_and_one_console_line_per_record(tmp_path, capsys):
+    sink = MetricsSink(tmp_path, LoggingConfig())
     sink.log({"step": 1, "loss": 2.5, "lr": 1e-3, "mem_bytes": 2**20, "skipped": False})
     sink.log({"event": "restart", "step": 1})
     sink.log({"step": 2, "loss": 2.0, "skipped": True})
@@ -151,7 +149,7 @@ def test_metrics_sink_writes_jsonl_and_one_console_line_per_record(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("event") for r in lines] == [None, "restart", None]
     assert all("time" in r for r in lines)
-    console = stream.getvalue().splitlines()
+    console = capsys.readouterr().out.splitlines()
     assert len(console) == 2  # events are not metrics lines
     assert console[0].startswith("step      1 | loss 2.5 | lr 1.000e-03 | mem 1MiB")
     assert "SKIPPED (overflow)" in console[1]

@@ -11,11 +11,16 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from gptforge.launcher.run.checkpoint import format as ck
 from gptforge.parallel import context as pc
 from gptforge.common.durable import Durability, fsync_path, write_atomic
+from gptforge.common.log import get_logger
 from gptforge.parallel.engine import CheckpointError
+
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -41,13 +46,35 @@ def global_loader_state(states_by_dp_rank: list[dict]) -> dict:
     return first
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """What a checkpoint records about its run beyond the ``checkpoint`` section; the per-rank
+    entry fills it from the config, so that the Checkpointer reads no other section."""
+
+    config: dict  # the resolved config, written into every manifest as it is
+    model: dict  # the model section: a checkpoint of another shape is refused on load
+    engine: str
+    use_distributed_optimizer: bool
+    global_batch_size: int
+    seq_length: int
+    seed: int
+    data_source: str
+    tokenizer_sha256: str | None
+
+
+def no_point(name: str, step: int) -> None:
+    """The default ``at_point``: nothing happens at the named points of a save."""
+
+
 class Checkpointer:
-    def __init__(self, cfg: ck.CheckpointConfig, *, run_dir: str, ctx, engine, batches,
-                 config: dict, layout, tokenizer_sha256: str | None, stop):
-        self.cfg, self.ctx, self.engine, self.batches = cfg, ctx, engine, batches
+    """``at_point(name, step)`` is called at the named points of a commit ("before_manifest",
+    "before_rename"): the seam where the crash tests kill a rank."""
+
+    def __init__(self, cfg: ck.CheckpointConfig, run: RunRecord, *, run_dir: str, ctx, engine,
+                 batches, layout, stop, at_point: Callable[[str, int], None] = no_point):
+        self.cfg, self.run, self.ctx, self.engine, self.batches = cfg, run, ctx, engine, batches
         self.dir = ck.save_dir(cfg, run_dir)
-        self.config, self.layout, self.tokenizer_sha256 = config, layout, tokenizer_sha256
-        self.stop = stop
+        self.layout, self.stop, self.at_point = layout, stop, at_point
         self._pending: _Pending | None = None
         self.loaded_from: Path | None = None
         self.last_saved_step: int | None = None
@@ -115,13 +142,13 @@ class Checkpointer:
         with self.stop.saving():
             mine = self._my_files(p)
             everyone = pc.all_gather_objects(self.ctx, (self.ctx.rank, mine))
-            ck.crash_point("before_manifest", p.step)
+            self.at_point("before_manifest", p.step)
             if self.ctx.rank == 0:
                 files = {rel: {"bytes": size, "crc32": crc, "rank": rank}
                          for rank, entries in everyone for rel, size, crc in entries}
                 write_atomic(p.partial / ck.MANIFEST,
                              json.dumps(self._manifest(p, files), indent=1), Durability.DIRECTORY)
-                ck.crash_point("before_rename", p.step)
+                self.at_point("before_rename", p.step)
                 p.partial.rename(p.final)
                 fsync_path(self.dir)
                 write_atomic(self.dir / ck.LATEST,
@@ -133,28 +160,25 @@ class Checkpointer:
                 ck.apply_retention(self.dir, self.cfg.keep_last, protect)
             pc.barrier(self.ctx)
         self.last_saved_step = p.step
-        if self.ctx.rank == 0:
-            print(f"[gptforge] checkpoint {p.final} ({p.reason}, "
-                  f"{time.perf_counter() - p.started:.2f}s)", flush=True)
+        log.info(f"checkpoint {p.final} ({p.reason}, {time.perf_counter() - p.started:.2f}s)")
 
     def _manifest(self, p: _Pending, files: dict) -> dict:
-        lay = self.layout
-        gbs, seq = self.config["train"]["global_batch_size"], self.config["model"]["seq_length"]
+        lay, run = self.layout, self.run
+        gbs, seq = run.global_batch_size, run.seq_length
         return {
             "format": ck.FORMAT, "step": p.step, "reason": p.reason,
             "consumed_samples": p.step * gbs, "consumed_tokens": p.step * gbs * seq,
-            "config": self.config,
+            "config": run.config,
             "layout": {"world_size": lay.world_size,
                        "tensor_model_parallel_size": lay.tensor_model_parallel_size,
                        "pipeline_model_parallel_size": lay.pipeline_model_parallel_size,
                        "virtual_pipeline_model_parallel_size":
                            lay.virtual_pipeline_model_parallel_size,
                        "data_parallel_size": lay.data_parallel_size,
-                       "engine": self.config["parallel"]["engine"],
-                       "use_distributed_optimizer":
-                           self.config["parallel"]["use_distributed_optimizer"]},
-            "data": {"source": self.config["data"]["source"], "loader_state": p.loader_state},
-            "tokenizer_sha256": self.tokenizer_sha256, "versions": ck.versions(),
+                       "engine": run.engine,
+                       "use_distributed_optimizer": run.use_distributed_optimizer},
+            "data": {"source": run.data_source, "loader_state": p.loader_state},
+            "tokenizer_sha256": run.tokenizer_sha256, "versions": ck.versions(),
             "saved_at": ck.now(), "async": self.cfg.async_save and p.reason == "interval",
             "resumed_from": str(self.loaded_from) if self.loaded_from else None,
             "files": files,
@@ -166,14 +190,14 @@ class Checkpointer:
         """{dotted key: [saved value, current value]} for settings that differ."""
         saved = ck.read_manifest(step_dir)["config"]
         return {f"{section}.{key}": [saved.get(section, {}).get(key), value]
-                for section, values in self.config.items() for key, value in values.items()
+                for section, values in self.run.config.items() for key, value in values.items()
                 if saved.get(section, {}).get(key) != value}
 
     def load(self, step_dir: Path, *, load_optim: bool) -> int:
         """Restore from ``step_dir``; returns the step to continue after (0 without optim)."""
         manifest = ck.read_manifest(step_dir)
-        ck.check_compatible(manifest, self.config["model"], step_dir)
-        _check_engine(manifest, self.config["parallel"]["engine"], step_dir, load_optim)
+        ck.check_compatible(manifest, self.run.model, step_dir)
+        _check_engine(manifest, self.run.engine, step_dir, load_optim)
         problems = pc.all_gather_objects(
             self.ctx, ck.verify_files(step_dir, manifest, self.ctx.rank, self.ctx.world_size))
         for problem in problems:
@@ -202,7 +226,7 @@ class Checkpointer:
             path = step_dir / ck.RNG_DIR / f"rank-{self.ctx.rank:05d}.json"
             set_rng_state(json.loads(path.read_text())["state"])
         else:
-            set_seed(self.config["train"]["seed"] + 1_000_003 * manifest["step"],
+            set_seed(self.run.seed + 1_000_003 * manifest["step"],
                      self.ctx.pp_rank)
 
 

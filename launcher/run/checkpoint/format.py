@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
@@ -40,7 +39,6 @@ STATE_DIR = "state"
 RNG_DIR = "rng"
 PARTIAL_SUFFIX = ".partial"
 _STEP_RE = re.compile(r"^step-(\d{7,})$")
-CRASH_ENV = "GPTFORGE_TEST_CHECKPOINT_CRASH"  # test hook: exit abruptly inside a save
 # Model settings a checkpoint's tensors depend on: a mismatch cannot load.
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
               "ffn_hidden_size", "vocab_size", "make_vocab_size_divisible_by",
@@ -284,15 +282,6 @@ def listing(directory: str | Path) -> list[dict]:
         rows.append({"name": partial.name, "state": "partial", "step": None, "bytes": size,
                      "latest": False})
     return rows
-
-
-def crash_point(name: str, step: int) -> None:
-    """Test hook: ``GPTFORGE_TEST_CHECKPOINT_CRASH=<name>:<step>`` SIGKILLs this process at
-    that point of that step (no handler, no cleanup)."""
-    if os.environ.get(CRASH_ENV) == f"{name}:{step}":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def now() -> float:
