@@ -1,9 +1,11 @@
-"""The ``data`` config section (defaults; validated in launcher/config.py)."""
+"""The ``data`` config section: its defaults and ``validate_data``, its own checks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+from gptforge.common.errors import ConfigError
 
 
 @dataclass
@@ -36,3 +38,11 @@ class DataConfig:
     """Mask attention across document boundaries in a packed window."""
     skip_corrupt: bool = False
     """Skip (and log) missing or corrupt shards instead of failing."""
+
+
+def validate_data(cfg: DataConfig) -> None:
+    """The data section on its own: sources named where needed, a sane worker count."""
+    if cfg.source == "webdataset" and not cfg.sources:
+        raise ConfigError("data.sources", "data.source=webdataset needs at least one source")
+    if cfg.num_workers < 0:
+        raise ConfigError("data.num_workers", f"must be >= 0, got {cfg.num_workers}")

@@ -1,10 +1,13 @@
 """The run configuration: typed dataclasses are the schema and hold every default.
 
 Each section lives with the component that reads it (``model/config.py``, ``parallel/config.py``,
-``data/config.py``, ``launcher/run/loop.py``, ...); this module composes them, loads YAML deltas
-left to right, applies dotted CLI overrides (``--optim.lr=3e-4``) and validates. Unknown keys,
-wrong types and inconsistent values fail here, before any process group exists, with an error
-that names the key. Each component is handed only its own section.
+``data/config.py``, ``launcher/run/loop.py``, ...), and so does its check (``validate_model``,
+``validate_train``, ``validate_precision``, ``validate_optim``, ``validate_checkpoint``,
+``validate_engine``, ``validate_data``, ``validate_sample``, ``validate_run``); this module
+composes them, loads YAML deltas left to right, applies dotted CLI overrides
+(``--optim.lr=3e-4``) and runs the checks in order. Unknown keys, wrong types and inconsistent
+values fail here, before any process group exists, with an error that names the key. Each
+component is handed only its own section.
 """
 
 from __future__ import annotations
@@ -18,17 +21,17 @@ from typing import Any, Literal
 
 import yaml
 
-from gptforge.data.config import DataConfig
-from gptforge.launcher.run.checkpoint.format import CheckpointConfig, validate_checkpoint_config
-from gptforge.launcher.run.metrics import LoggingConfig
-from gptforge.launcher.rundir import RunConfig
-from gptforge.launcher.run.loop import TrainConfig
-from gptforge.model.config import ModelConfig, num_query_groups, validate_model
-from gptforge.model.generate import SampleConfig
-from gptforge.parallel.config import OptimConfig, ParallelConfig, PrecisionConfig
 from gptforge.common.errors import ConfigError
-from gptforge.parallel.deepspeed.config import check_engine
-from gptforge.parallel.engine import ENGINES
+from gptforge.data.config import DataConfig, validate_data
+from gptforge.launcher.run.checkpoint.format import CheckpointConfig, validate_checkpoint
+from gptforge.launcher.run.loop import TrainConfig, validate_train
+from gptforge.launcher.run.metrics import LoggingConfig
+from gptforge.launcher.rundir import RunConfig, validate_run
+from gptforge.model.config import ModelConfig, num_query_groups, validate_model
+from gptforge.model.generate import SampleConfig, validate_sample
+from gptforge.parallel.config import (OptimConfig, ParallelConfig, PrecisionConfig,
+                                      validate_precision)
+from gptforge.parallel.engine import validate_engine
 from gptforge.parallel.layout import Layout, derive_layout
 from gptforge.parallel.optim import validate_optim
 
@@ -207,47 +210,12 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 # ---------------------------------------------------------------- validation
 
 
-def _validate_train(cfg: Config) -> None:
-    t = cfg.train
-    for key in ("train_iters", "micro_batch_size", "global_batch_size", "log_interval"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
-    for key in ("eval_interval", "eval_iters"):
-        if getattr(t, key) < 0:
-            raise ConfigError(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
-    p = cfg.precision
-    if p.dtype == "fp16":
-        for key in ("initial_loss_scale", "min_loss_scale", "loss_scale_window",
-                    "loss_scale_hysteresis"):
-            if not getattr(p, key) > 0:
-                raise ConfigError(f"precision.{key}", f"must be > 0, got {getattr(p, key)}")
-
-
-def _validate_io(cfg: Config, layout: Layout) -> None:
-    if cfg.parallel.engine not in ENGINES:
-        raise ConfigError("parallel.engine", f"{cfg.parallel.engine!r} is not available in this "
-                          f"version (available: {', '.join(sorted(ENGINES))})")
-    check_engine(cfg.parallel, cfg.precision)
-    if cfg.data.source == "webdataset" and not cfg.data.sources:
-        raise ConfigError("data.sources", "data.source=webdataset needs at least one source")
-    if cfg.data.num_workers < 0:
-        raise ConfigError("data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
-    if cfg.sample.prompt and (layout.tensor_model_parallel_size > 1
-                              or layout.pipeline_model_parallel_size > 1):
-        raise ConfigError("sample.prompt", "generation needs tensor and pipeline parallel size 1")
-    if cfg.sample.prompt and not cfg.data.tokenizer_model:
-        raise ConfigError("sample.prompt", "needs data.tokenizer_model to encode the prompt")
-    if cfg.sample.max_new_tokens < 1:
-        raise ConfigError("sample.max_new_tokens", f"must be >= 1, got {cfg.sample.max_new_tokens}")
-    if not cfg.run.dir:
-        raise ConfigError("run.dir", "must name a directory")
-
-
 def validate(cfg: Config, world_size: int) -> Layout:
     """Check ``cfg`` for ``world_size`` ranks and return the layout; every error names its key."""
     validate_model(cfg.model)
-    _validate_train(cfg)
-    validate_checkpoint_config(cfg.checkpoint)
+    validate_train(cfg.train)
+    validate_precision(cfg.precision)
+    validate_checkpoint(cfg.checkpoint)
     validate_optim(cfg.optim, cfg.train.train_iters)
     m, t = cfg.model, cfg.train
     layout = derive_layout(cfg.parallel, world_size=world_size, num_layers=m.num_layers,
@@ -256,7 +224,12 @@ def validate(cfg: Config, world_size: int) -> Layout:
                            make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
                            micro_batch_size=t.micro_batch_size,
                            global_batch_size=t.global_batch_size)
-    _validate_io(cfg, layout)
+    validate_engine(cfg.parallel, cfg.precision)
+    validate_data(cfg.data)
+    validate_sample(cfg.sample, tokenizer_model=cfg.data.tokenizer_model,
+                    tensor_model_parallel_size=layout.tensor_model_parallel_size,
+                    pipeline_model_parallel_size=layout.pipeline_model_parallel_size)
+    validate_run(cfg.run)
     return layout
 
 

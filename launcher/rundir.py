@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptforge.common.errors import UserError
+from gptforge.common.errors import ConfigError, UserError
 from gptforge.common.metrics_file import METRICS_FILE, metrics_path, read_records, step_records
 
 
@@ -24,6 +24,11 @@ class RunConfig:
     """Run name (MLflow); empty: the directory's name."""
     overwrite: bool = False
     """Replace a previous run found in run.dir instead of refusing to start."""
+
+
+def validate_run(cfg: RunConfig) -> None:
+    if not cfg.dir:
+        raise ConfigError("run.dir", "must name a directory")
 
 
 class RunDirError(UserError):

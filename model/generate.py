@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptforge.common.errors import UserError
+from gptforge.common.errors import ConfigError, UserError
 from gptforge.model.decode_linears import decode_layout
 
 
@@ -31,6 +31,17 @@ class SampleConfig:
     """Sampling temperature; 0: greedy."""
     top_k: int = 20
     """Sample among the k most likely tokens."""
+
+
+def validate_sample(cfg: SampleConfig, *, tokenizer_model: str, tensor_model_parallel_size: int,
+                    pipeline_model_parallel_size: int) -> None:
+    """The sample section: a prompt needs a tokenizer and (today) a TP=1, PP=1 layout."""
+    if cfg.prompt and (tensor_model_parallel_size > 1 or pipeline_model_parallel_size > 1):
+        raise ConfigError("sample.prompt", "generation needs tensor and pipeline parallel size 1")
+    if cfg.prompt and not tokenizer_model:
+        raise ConfigError("sample.prompt", "needs data.tokenizer_model to encode the prompt")
+    if cfg.max_new_tokens < 1:
+        raise ConfigError("sample.max_new_tokens", f"must be >= 1, got {cfg.max_new_tokens}")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from typing import Literal
 
 import torch
 
+from gptforge.common.errors import ConfigError
+
 
 @dataclass
 class ParallelConfig:
@@ -62,6 +64,15 @@ class PrecisionConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+def validate_precision(cfg: PrecisionConfig) -> None:
+    """fp16's loss-scaling settings are positive (the other dtypes do not read them)."""
+    if cfg.dtype == "fp16":
+        for key in ("initial_loss_scale", "min_loss_scale", "loss_scale_window",
+                    "loss_scale_hysteresis"):
+            if not getattr(cfg, key) > 0:
+                raise ConfigError(f"precision.{key}", f"must be > 0, got {getattr(cfg, key)}")
 
 
 @dataclass

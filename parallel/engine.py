@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from gptforge.common.errors import UserError
+from gptforge.common.errors import ConfigError, UserError
 
 
 class CheckpointError(UserError):
@@ -65,3 +65,13 @@ def engine_options(name: str, **offered) -> dict:
 def engine_class(name: str) -> type:
     module, cls = ENGINES[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def validate_engine(parallel, precision) -> None:
+    """``parallel.engine`` names an engine of this version, which takes these settings."""
+    from gptforge.parallel.deepspeed.config import check_engine
+
+    if parallel.engine not in ENGINES:
+        raise ConfigError("parallel.engine", f"{parallel.engine!r} is not available in this "
+                          f"version (available: {', '.join(sorted(ENGINES))})")
+    check_engine(parallel, precision)

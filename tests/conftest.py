@@ -90,9 +90,8 @@ def starts_ranks(args) -> str | None:
     for module in _RANK_MODULES:
         if module in argv:
             return f"-m {module}"
-    for program in _RANK_PROGRAMS:
-        if program in names[:1] or (program in names and "bash" not in names[:1]):
-            return program
+    if names[:1] and names[0] in _RANK_PROGRAMS:
+        return names[0]
     cli = next((i for i, (a, n) in enumerate(zip(argv, names))
                 if n == "gptforge" or a == "gptforge.launcher.cli.main"), None)
     if cli is None:

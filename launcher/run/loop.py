@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from gptforge.common.errors import ConfigError
 from gptforge.launcher.run.throughput import memory_bytes
 from gptforge.parallel.engine import Engine
 
@@ -31,6 +32,16 @@ class TrainConfig:
     """Global batches per validation."""
     log_interval: int = 1
     """Log a metrics record every this many steps (and the last)."""
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    """The train section on its own: counts >= 1, intervals >= 0."""
+    for key in ("train_iters", "micro_batch_size", "global_batch_size", "log_interval"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(cfg, key)}")
+    for key in ("eval_interval", "eval_iters"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"train.{key}", f"must be >= 0, got {getattr(cfg, key)}")
 
 
 @dataclass

@@ -70,6 +70,7 @@ def uninterrupted(shards, tmp_path_factory):
     # async: step 4's save is committed at a later step boundary, so step 2 is the latest
     ("after_step:5", 2, ["--checkpoint.async_save=true"]),
 ])
+@pytest.mark.slow
 def test_killed_run_resumes_bitwise(shards, uninterrupted, tmp_path, crash, resumes_at, extra):
     run_dir = tmp_path / "run"
     killed = subprocess.run([sys.executable, "-m", "tests.integration.crash_rank", crash,
@@ -94,6 +95,7 @@ def test_killed_run_resumes_bitwise(shards, uninterrupted, tmp_path, crash, resu
     assert len(ck.complete_checkpoints(save)) <= 3 + (resumes_at == 2)  # keep_last, + loaded
 
 
+@pytest.mark.slow
 def test_sigusr1_checkpoints_both_ranks_at_one_step_and_the_restart_is_bitwise(shards,
                                                                                tmp_path):
     whole = gptforge(*train_args(shards, tmp_path / "whole", 30), "--nproc-per-node", "2")
@@ -132,6 +134,7 @@ def test_sigusr1_checkpoints_both_ranks_at_one_step_and_the_restart_is_bitwise(s
                                                          for s in resumed]
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_continues_it_without_mixing(shards, tmp_path):
     run_dir = tmp_path / "run"
     assert gptforge(*train_args(shards, run_dir, 4)).returncode == 0
@@ -145,6 +148,7 @@ def test_rerunning_a_finished_run_continues_it_without_mixing(shards, tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_load_optim_false_loads_the_weights_and_starts_a_new_schedule(shards, saved, tmp_path):
     fresh = gptforge(*train_args(shards, tmp_path / "fresh", 4))
     tuned = gptforge(*train_args(shards, tmp_path / "tuned", 4),
@@ -193,12 +197,14 @@ def _assert_refused(proc, *culprits):
     assert "step      1" not in proc.stdout  # before any step runs
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_shape_is_refused_naming_the_key(shards, saved, tmp_path):
     proc = _load(shards, tmp_path, saved, "--model.hidden_size=96", "--model.num_attention_heads=4")
     _assert_refused(proc, "model.hidden_size", saved)
     assert "[gptforge] building the model" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_missing_shard_is_named(shards, saved, tmp_path):
     ckpt = _copy(saved, tmp_path)
     shard = next((ckpt / "state").glob("*.distcp"))
@@ -206,6 +212,7 @@ def test_a_missing_shard_is_named(shards, saved, tmp_path):
     _assert_refused(_load(shards, tmp_path, ckpt), shard.name, "missing")
 
 
+@pytest.mark.slow
 def test_a_corrupted_file_is_named(shards, saved, tmp_path):
     ckpt = _copy(saved, tmp_path)
     shard = next((ckpt / "state").glob("*.distcp"))
@@ -223,6 +230,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", [".metadata", "common.pt"])
 def test_a_pickle_payload_is_refused_and_never_runs(shards, saved, tmp_path, victim):
     """Even with the manifest's checksum forged to match, the safe reader refuses it."""

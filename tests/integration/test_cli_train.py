@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT, TINY, metrics
@@ -30,6 +31,7 @@ def test_gptforge_is_installed_and_lists_its_verbs():
     assert {"train", "config", "tokenizer", "data"} <= set(listed), listed
 
 
+@pytest.mark.slow
 def test_two_rank_tp2_run_writes_config_and_falling_metrics(tmp_path):
     run_dir = tmp_path / "R"
     proc = gptforge("train", "--config", str(TINY), "--nproc-per-node", "2",
@@ -51,6 +53,7 @@ def test_two_rank_tp2_run_writes_config_and_falling_metrics(tmp_path):
     assert "deprecated" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_layout_fails_before_any_rank_starts(tmp_path):
     proc = gptforge("train", "--config", str(TINY), "--nproc-per-node", "2",
                     "--parallel.tensor_model_parallel_size=4", "--run.dir", str(tmp_path))

@@ -93,6 +93,7 @@ def test_inside_slurm_the_hostfile_comes_from_scontrol(tmp_path):
     (["--parallel.tensor_model_parallel_size=2"], "localhost slots=3", "hostfile"),
     ([], "localhost slots=2\nlocalhost slots=2", "hostfile"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_refused_in_one_line_before_any_rank_starts(tmp_path, extra, hosts,
                                                                    culprit):
     run_dir = tmp_path / "run"

@@ -83,6 +83,7 @@ def test_masked_loss_is_the_response_loss(sft):
     assert not torch.allclose(loss, per_token.mean(), rtol=1e-2)  # the prompts would change it
 
 
+@pytest.mark.slow
 def test_finetune_learns_the_response_and_not_the_prompt(sft, tmp_path):
     shards, tok_dir = sft
     run_dir = tmp_path / "run"

@@ -70,12 +70,14 @@ def train(tmp_path, *extra, nproc=None):
 # ------------------------------------------------------------------ user errors, one line each
 
 
+@pytest.mark.slow
 def test_missing_shard_dir(tmp_path, data):
     proc = train(tmp_path, *shard_args(data, shards=tmp_path / "nope"), nproc=2)
     assert_one_line_error(proc, tmp_path / "nope")
     assert BUILDING not in proc.stdout
 
 
+@pytest.mark.slow
 def test_truncated_shard_fails_before_the_model(tmp_path, data):
     import shutil
 
@@ -88,12 +90,14 @@ def test_truncated_shard_fails_before_the_model(tmp_path, data):
     assert BUILDING not in proc.stdout
 
 
+@pytest.mark.slow
 def test_tokenizer_mismatch(tmp_path, data):
     proc = train(tmp_path, *shard_args(data, tok=data["other"]))
     assert_one_line_error(proc, data["other"])
     assert BUILDING not in proc.stdout
 
 
+@pytest.mark.slow
 def test_vocab_smaller_than_the_tokenizer(tmp_path, data):
     proc = train(tmp_path, *shard_args(data, vocab=200))
     assert_one_line_error(proc, "model.vocab_size")
@@ -104,6 +108,7 @@ def test_vocab_smaller_than_the_tokenizer(tmp_path, data):
     (lambda t: (t / "file").write_text("x") and t / "file", "is a file"),
     (lambda t: Path("/proc/gptforge-run-dir"), "/proc/gptforge-run-dir"),
 ])
+@pytest.mark.slow
 def test_unusable_run_dir(tmp_path, make_dir, culprit):
     run_dir = make_dir(tmp_path)
     proc = gptforge("train", "--config", str(TINY), "--nproc-per-node", "2",
@@ -122,6 +127,7 @@ def test_unusable_run_dir(tmp_path, make_dir, culprit):
     (["--train.train_iters=2"], "optim.lr_warmup_iters"),
     (["--train.train_iters"], "--train.train_iters needs a value"),
 ])
+@pytest.mark.slow
 def test_config_mistakes(tmp_path, args, culprit):
     proc = gptforge("train", "--config", str(TINY), "--run.dir", str(tmp_path), *args)
     line = assert_one_line_error(proc, culprit)
@@ -148,12 +154,14 @@ def test_data_prepare_mistakes_leave_no_output(tmp_path, data, name, content, cu
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path):
     proc = gptforge("--debug", "train", "--config", str(TINY), "--run.dir", str(tmp_path),
                     "--optim.lr=-1")
     assert proc.returncode == 2 and "Traceback" in proc.stderr and "optim.lr" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_failure_inside_one_rank_is_reported_once(tmp_path, data):
     """A corrupt shard (right size, bad bytes) is found while reading, inside the ranks."""
     import shutil
@@ -173,6 +181,7 @@ def test_a_failure_inside_one_rank_is_reported_once(tmp_path, data):
 # ------------------------------------------------------------------ run dirs
 
 
+@pytest.mark.slow
 def test_a_second_identical_run_is_refused_and_overwrite_starts_fresh(tmp_path):
     """Without checkpoints a run cannot be continued: a second one is refused. (With them, the
     second run continues the first: tests/integration/test_checkpoint_resume.py.)"""
@@ -281,6 +290,7 @@ def test_a_stop_signal_during_rank_start_up_stops_after_the_first_step(tmp_path)
     assert (run_dir / "checkpoints" / "latest").exists()
 
 
+@pytest.mark.slow
 def test_master_addr_is_required_for_a_multi_node_rank(tmp_path):
     env = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_PORT": "29999"}
     env_all = {**os.environ, **env, "PYTHONWARNINGS": "ignore"}

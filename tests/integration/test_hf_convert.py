@@ -62,6 +62,7 @@ def test_from_hf_logits_and_loss_equal_transformers(folders, name):
     assert (loss - ref_loss).abs().max().item() <= TOL  # no probability on padded rows
 
 
+@pytest.mark.slow
 def test_from_hf_checkpoint_at_tp2_gives_transformers_logits(folders, converted, tmp_path):
     """At TP=2 the row-parallel layers add partial sums in another order, so the logits move by
     fp32 rounding: on these weights transformers' own fp32 logits are ~4e-5 from the fp64 ones.
@@ -117,6 +118,7 @@ def test_converted_checkpoint_records_the_model_and_tokenizer(folders, converted
     assert "model:" in (converted["gpt2"] / "model.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_export_of_a_model_trained_here(sp_model, corpus, tmp_path):
     """Trained at PP=2 (GPT-2 shape, gelu_tanh, sentencepiece), exported, loaded by transformers
     with our logits and our token ids; greedy generation from the checkpoint (loaded at TP=1,

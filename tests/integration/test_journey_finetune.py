@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from gptforge.launcher.cli.main import main
@@ -26,6 +27,7 @@ def _pairs(path, count: int = 120) -> None:
             f.write(json.dumps({"prompt": f"Add {a} and {b}:", "response": f" {a + b}"}) + "\n")
 
 
+@pytest.mark.slow
 def test_gpt2_folder_to_finetuned_hf_folder(folders, tmp_path, capsys):
     gpt2 = folders["gpt2"]
     assert main(["generate", "--checkpoint", str(gpt2), "--prompt", "Once upon a time",

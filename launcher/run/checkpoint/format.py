@@ -66,7 +66,7 @@ class CheckpointConfig:
     schedule from step 0 (fine-tuning)."""
 
 
-def validate_checkpoint_config(cfg: CheckpointConfig) -> None:
+def validate_checkpoint(cfg: CheckpointConfig) -> None:
     from gptforge.common.errors import ConfigError
 
     if cfg.save_interval < 0:
