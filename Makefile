@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONWARNINGS := ignore::UserWarning
 
-.PHONY: install test demo bench gpu-wheels clean slurm-up slurm-down
+.PHONY: install test quick demo bench gpu-wheels clean slurm-up slurm-down
 
 install: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): setup.py
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+# The quick pass: no test that starts ranks (those are marked slow); under 2 minutes on 2 cores.
+quick: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: install
 	bash scripts/demo.sh

@@ -19,6 +19,7 @@ MLFLOW_HTTP_REQUEST_TIMEOUT = 5 s for the hung one).
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 import statistics
 import tempfile
@@ -35,6 +36,8 @@ def record(step: int) -> dict:
 
 
 def bench(name: str, uri: str | None, records: int, root: Path) -> tuple:
+    # what is timed is the sink's own cost (jsonl + outbox), not the console line
+    logging.getLogger("gptforge.launcher.run.metrics").setLevel(logging.WARNING)
     cfg = LoggingConfig(mlflow=uri is not None, mlflow_tracking_uri=uri or "",
                         mlflow_close_timeout_s=20.0)
     run_dir = root / name / "run"
@@ -49,7 +52,7 @@ def bench(name: str, uri: str | None, records: int, root: Path) -> tuple:
     t = time.perf_counter()
     sink.close("FINISHED", report=False)
     close_s = time.perf_counter() - t
-    from gptforge.launcher.tracking.mlflow_run import read_state
+    from gptforge.launcher.tracking.outbox import read_state
 
     unsent = read_state(run_dir).get("unsent", 0) if uri is not None else "-"
     us = [x * 1e6 for x in times]

@@ -177,7 +177,7 @@ def launch_local(nproc: int, argv: list[str], mlflow_run_dir: str | None = None)
             signal.signal(sig, handler)
         group.cleanup()
     if mlflow_run_dir and code not in (EXIT_OK, EXIT_CHECKPOINTED):
-        from gptforge.launcher.tracking.mlflow_run import end_unfinished
+        from gptforge.launcher.tracking.sender import end_unfinished
 
         try:
             end_unfinished(mlflow_run_dir, "KILLED" if stop["signum"] else "FAILED")

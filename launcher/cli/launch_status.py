@@ -68,7 +68,7 @@ def run_progress(run_dir: Path) -> dict:
     except Exception:  # noqa: BLE001 (a status line, not a check)
         latest = None
     out["checkpoint"] = str(latest) if latest else None
-    from gptforge.launcher.tracking.mlflow_run import read_state
+    from gptforge.launcher.tracking.outbox import read_state
 
     state = read_state(run_dir)
     out["mlflow_run_id"] = state.get("run_id")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def _sync(args) -> int:
-    from gptforge.launcher.tracking.mlflow_run import read_state, sync
+    from gptforge.launcher.tracking.outbox import read_state
+    from gptforge.launcher.tracking.sender import sync
     from gptforge.launcher.rundir import RunDirError
 
     run_dir = Path(args.run_dir)
@@ -18,9 +19,9 @@ def _sync(args) -> int:
     try:
         sent, _ = sync(run_dir)
     except Exception as err:  # noqa: BLE001 (the server's answer, in one line)
-        from gptforge.launcher.tracking.mlflow_run import _short
+        from gptforge.launcher.tracking.outbox import short_error
 
-        raise RunDirError(f"MLflow at {state.get('tracking_uri')}: {_short(err)} (run dir "
+        raise RunDirError(f"MLflow at {state.get('tracking_uri')}: {short_error(err)} (run dir "
                           f"{run_dir}; nothing lost, try again later)") from None
     state = read_state(run_dir)
     print(f"[gptforge] sent {sent} records to MLflow run {state.get('run_id')} at "
@@ -29,7 +30,7 @@ def _sync(args) -> int:
 
 
 def _uri(args) -> int:
-    from gptforge.launcher.tracking.mlflow_run import read_state
+    from gptforge.launcher.tracking.outbox import read_state
 
     state = read_state(Path(args.run_dir))
     print(f"tracking uri  {state.get('tracking_uri', '-')}")

@@ -69,7 +69,7 @@ def _write_job_config(cfg, run_dir: Path) -> Path:
                                checkpoint_dir=own if cfg.checkpoint.enabled else None):
             replace_previous_run(run_dir, None if start.checkpoint is not None
                                  and own in start.checkpoint.parents else own)
-        from gptforge.launcher.tracking.mlflow_run import forget_run
+        from gptforge.launcher.tracking.outbox import forget_run
 
         forget_run(run_dir)
     cfg.run.dir = str(run_dir)
@@ -95,7 +95,8 @@ def _prepare_mlflow(cfg) -> None:
     """Create the embedded MLflow store before the job starts (array tasks starting together
     must not race on creating its tables)."""
     if cfg.logging.mlflow:
-        from gptforge.launcher.tracking.mlflow_run import prepare_store, tracking_uri
+        from gptforge.launcher.tracking.outbox import tracking_uri
+        from gptforge.launcher.tracking.sender import prepare_store
 
         prepare_store(tracking_uri(cfg.logging, cfg.run.dir))
 

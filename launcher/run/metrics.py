@@ -72,7 +72,7 @@ class MetricsSink:
         self._close_timeout = logging_cfg.mlflow_close_timeout_s
         self._mlflow = None
         if logging_cfg.mlflow:
-            from gptforge.launcher.tracking.mlflow_run import MlflowTracker
+            from gptforge.launcher.tracking.tracker import MlflowTracker
 
             name = run_name or Path(run_dir).resolve().name
             self._mlflow = MlflowTracker(run_dir, logging_cfg, name, fresh=fresh)

@@ -159,7 +159,7 @@ def test_a_dead_server_costs_the_step_nothing_and_the_records_wait(tmp_path):
     import socket
 
     from gptforge.launcher.run.metrics import LoggingConfig, MetricsSink
-    from gptforge.launcher.tracking.mlflow_run import read_outbox, read_state
+    from gptforge.launcher.tracking.outbox import read_outbox, read_state
 
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
@@ -191,7 +191,7 @@ def test_records_wait_for_the_store_and_a_resumed_run_replays_them(tmp_path):
     sending when the store comes back mid-run. The sender ignores stop signals (scancel --full
     signals every process of the step) and ends when its rank closes."""
     from gptforge.launcher.run.metrics import LoggingConfig, MetricsSink
-    from gptforge.launcher.tracking.mlflow_run import read_outbox, read_state
+    from gptforge.launcher.tracking.outbox import read_outbox, read_state
 
     blocker = tmp_path / "store"
     blocker.write_text("not a directory")
@@ -252,7 +252,7 @@ def test_a_rank_killed_mid_run_leaves_its_mlflow_run_failed_not_running(tmp_path
     assert run.info.status == "FAILED"
     assert len(history(c, run)) >= 3  # what was logged before the crash is kept
     # ending it again (the Slurm batch shell does so after any failed step) changes nothing
-    from gptforge.launcher.tracking.mlflow_run import end_unfinished
+    from gptforge.launcher.tracking.sender import end_unfinished
 
     assert end_unfinished(run_dir, "FAILED") is False
 
@@ -261,7 +261,8 @@ def test_an_end_written_but_never_sent_is_sent_by_whoever_outlives_the_ranks(tmp
     """A rank wrote FAILED into its outbox, then its sender was killed before sending it
     (the launcher SIGKILLs the ranks' process group): ``end_unfinished`` appends nothing, but
     sends what waits, so MLflow does not show RUNNING."""
-    from gptforge.launcher.tracking.mlflow_run import end_unfinished, read_state, write_state
+    from gptforge.launcher.tracking.outbox import read_state, write_state
+    from gptforge.launcher.tracking.sender import end_unfinished
 
     run_dir = tmp_path / "runs" / "late"
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"

@@ -1,44 +1,33 @@
-"""MLflow for a training run: one MLflow run per run dir, sent from a background thread that
-never makes a training step wait, with everything spooled on disk until the server has it.
+"""The MLflow sender: ships a run dir's outbox to one MLflow run, in order, in LogBatch-sized
+groups.
 
-Files in ``<run.dir>/mlflow/``:
+Run as a process by the logging rank (``python -m gptforge.launcher.tracking.sender RUN_DIR``:
+follow the outbox until the rank closes stdin), by ``gptforge mlflow sync`` (send what waits)
+and by whoever outlives the ranks (the local launcher, the Slurm batch shell: ``--end RUN_DIR
+STATUS`` ends a run the ranks could not). If the server is unreachable or dies, operations wait
+in the outbox and the sender retries with backoff (each attempt bounded by
+``MLFLOW_HTTP_REQUEST_TIMEOUT`` and no HTTP retries). A resumed or requeued run replays what was
+left and continues the SAME MLflow run (its id is in state.json; a run created but not yet
+recorded is found again by its ``gptforge.run_uid`` tag, so a retry never leaves a ghost run).
 
-    state.json     run uid (minted once per run dir), MLflow run id, tracking URI, experiment,
-                   records not yet sent
-    outbox.jsonl   every operation (params, tags, metrics, artifacts, status), numbered
-    sent           the number of the last operation the server acknowledged
-
-The trainer appends an operation to the outbox and returns (microseconds); a sender process
-(a child of the logging rank: its mlflow import and HTTP waits never hold the training
-process's interpreter lock) ships them in order, in LogBatch-sized groups. If the server is
-unreachable or dies, operations wait in the outbox and the sender retries with backoff (each
-attempt bounded by ``MLFLOW_HTTP_REQUEST_TIMEOUT`` and no HTTP retries: it is the sender that
-waits, never the step). A resumed or requeued run replays what was left and continues the
-SAME MLflow run (its id is in state.json; a run created but not yet recorded is found again by
-its ``gptforge.run_uid`` tag, so a retry never leaves a ghost run). ``gptforge mlflow sync
-<run.dir>`` replays by hand.
-
-Default tracking URI: ``sqlite:///<parent of run.dir>/mlflow.db``, artifacts in
-``<parent of run.dir>/mlartifacts`` (next to the runs, never the current directory).
-
-This module is the only importer of mlflow; only the logging rank's sender process imports it
-(and ``gptforge mlflow sync``, ``gptforge launch slurm`` preparing the embedded store).
-"""
+This module is the only importer of mlflow."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import signal
 import sys
 import time
-import uuid
 from pathlib import Path
 
 from gptforge.common.durable import Durability, write_atomic
 from gptforge.common.log import ANY_RANK, get_logger, set_rank
+from gptforge.launcher.tracking.outbox import (SENDER_LOCK, artifact_location, read_outbox,
+                                               read_sent, read_state, sender_lock, short_error,
+                                               state_dir, write_state)
 
-STATE_DIR = "mlflow"
 HTTP_TIMEOUT_S = "5"  # one HTTP attempt's bound (MLflow's default: 120 s, with 7 retries)
 MAX_BACKOFF_S = 30.0
 PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -46,19 +35,6 @@ BATCH_METRICS = 1000
 BATCH_PARAMS = 100
 
 log = get_logger(__name__)
-
-
-def tracking_uri(logging_cfg, run_dir: str | Path) -> str:
-    if logging_cfg.mlflow_tracking_uri:
-        return logging_cfg.mlflow_tracking_uri
-    return f"sqlite:///{Path(run_dir).resolve().parent / 'mlflow.db'}"
-
-
-def artifact_location(uri: str) -> str | None:
-    """Where a new experiment keeps artifacts: beside a sqlite file; a server decides itself."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    return None
 
 
 def _bound_http() -> None:
@@ -95,56 +71,6 @@ def experiment_id(client, name: str, uri: str) -> str:
 def prepare_store(uri: str, experiment: str = "gptforge") -> None:
     """Create the store's tables and the experiment now (before array tasks start together)."""
     experiment_id(_client(uri), experiment, uri)
-
-
-# ---------------------------------------------------------------- state in the run dir
-
-
-def _dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / STATE_DIR
-
-
-def read_state(run_dir: str | Path) -> dict:
-    try:
-        return json.loads((_dir(run_dir) / "state.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def write_state(run_dir: str | Path, state: dict) -> None:
-    _dir(run_dir).mkdir(parents=True, exist_ok=True)
-    write_atomic(_dir(run_dir) / "state.json", json.dumps(state, indent=1) + "\n",
-                 Durability.ATOMIC)
-
-
-def forget_run(run_dir: str | Path) -> None:
-    """A new run in this dir (not a resume): a new MLflow run; the old outbox is dropped."""
-    d = _dir(run_dir)
-    for name in ("state.json", "outbox.jsonl", "sent"):
-        (d / name).unlink(missing_ok=True)
-
-
-def _read_sent(run_dir: Path) -> int:
-    try:
-        return int((_dir(run_dir) / "sent").read_text().strip() or 0)
-    except (OSError, ValueError):
-        return 0
-
-
-def read_outbox(run_dir: str | Path) -> list[dict]:
-    path = _dir(run_dir) / "outbox.jsonl"
-    ops = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                ops.append(json.loads(line))
-            except ValueError:  # a line cut off by a crash: it was never acknowledged
-                continue
-    return ops
-
-
-# ---------------------------------------------------------------- sending
-
 
 class Sender:
     """Ships the outbox's operations to one MLflow run, in order; ``send_some`` raises on
@@ -235,84 +161,11 @@ class Sender:
         for i in range(0, len(changed), BATCH_PARAMS):
             self.client.log_batch(run_id, tags=changed[i:i + BATCH_PARAMS])
 
-
-class MlflowTracker:
-    """The logging rank's side: ``put`` appends an operation to the outbox (no network, no
-    mlflow import); a child process (``python -m gptforge.launcher.tracking.mlflow_run RUN_DIR``)
-    follows the outbox and sends. Being a process, its imports and HTTP waits never take the
-    training process's interpreter lock."""
-
-    def __init__(self, run_dir: str | Path, logging_cfg, run_name: str, *, fresh: bool):
-        import subprocess
-        import sys
-
-        self.run_dir = Path(run_dir)
-        if fresh:
-            forget_run(self.run_dir)
-        state = read_state(self.run_dir)
-        uri = tracking_uri(logging_cfg, self.run_dir)
-        if state.get("tracking_uri") not in (None, uri):  # another store: another MLflow run
-            forget_run(self.run_dir)
-            state = {}
-        state.setdefault("run_uid", uuid.uuid4().hex)
-        state.update(tracking_uri=uri, experiment=logging_cfg.experiment_name,
-                     run_name=run_name)
-        write_state(self.run_dir, state)
-        self.state = state
-        self.uri = uri
-        self._path = _dir(self.run_dir) / "outbox.jsonl"
-        sent = _read_sent(self.run_dir)
-        self._seq = max([sent, *(op["seq"] for op in read_outbox(self.run_dir))])
-        self._file = self._path.open("a", buffering=1)
-        self._sender = subprocess.Popen(
-            [sys.executable, "-m", "gptforge.launcher.tracking.mlflow_run", str(self.run_dir)],
-            stdin=subprocess.PIPE, preexec_fn=_ignore_stop_signals,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-
-    def put(self, op: dict) -> None:
-        self._seq += 1
-        self._file.write(json.dumps({"seq": self._seq, "time": time.time(), **op}) + "\n")
-
-    def log_metrics(self, step: int, values: dict, when: float | None = None) -> None:
-        op = {"op": "metrics", "step": step, "values": values}
-        if when is not None:
-            op["time"] = when
-        self.put(op)
-
-    def close(self, timeout_s: float) -> int:
-        """Tell the sender that nothing more comes; wait while it sends (at most
-        ``timeout_s``; a dead server gets one more attempt). Returns the records left unsent."""
-        import subprocess
-
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        try:
-            self._sender.stdin.close()  # end of input: send what is left, then exit
-        except OSError:
-            pass
-        try:
-            self._sender.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self._sender.kill()
-            self._sender.wait()
-        left_over = sum(1 for op in read_outbox(self.run_dir)
-                        if op["seq"] > _read_sent(self.run_dir))
-        self.state = {**read_state(self.run_dir), "unsent": left_over}
-        write_state(self.run_dir, self.state)
-        if left_over:
-            log.warning(f"MLflow: {left_over} records not sent to {self.uri}; they are kept in "
-                        f"{self._path}: `gptforge mlflow sync {self.run_dir}` sends them (a "
-                        f"resumed run does too)", extra=ANY_RANK)
-        return left_over
-
-
-def _ignore_stop_signals() -> None:
+def ignore_stop_signals() -> None:
     """Stop signals are for the ranks (``scancel --full`` signals every process of the step):
     the sender ends when its rank closes its stdin, or dies. Set in the child before exec (an
     ignored signal stays ignored across exec), so that no signal finds the sender still
     starting up with the default, fatal, disposition."""
-    import signal
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
@@ -323,14 +176,14 @@ def follow(run_dir: Path) -> int:
     server is away; after end of stdin, send the rest (a dead server: one more attempt)."""
     import select
 
-    _ignore_stop_signals()  # (already so when the tracker started it; also for a bare start)
+    ignore_stop_signals()  # (already so when the tracker started it; also for a bare start)
     set_rank(0, 1)  # a helper of the logging rank, not a rank: its messages always print
 
-    lock = _sender_lock(run_dir, wait_s=float("inf"))  # noqa: F841 (held until this exits)
+    lock = sender_lock(run_dir, wait_s=float("inf"))  # noqa: F841 (held until this exits)
     state = read_state(run_dir)
     sender = Sender(run_dir, state)
-    sent = _read_sent(run_dir)
-    path = _dir(run_dir) / "outbox.jsonl"
+    sent = read_sent(run_dir)
+    path = state_dir(run_dir) / "outbox.jsonl"
     pending: list[dict] = []
     offset = 0
     closing = False
@@ -365,8 +218,8 @@ def follow(run_dir: Path) -> int:
             n = sender.send(pending[:BATCH_METRICS])
         except Exception as err:  # noqa: BLE001 (unreachable, refused, 5xx: retry later)
             if not failing:
-                log.warning(f"MLflow at {state['tracking_uri']} is unreachable ({_short(err)}); "
-                            f"training goes on, records wait in {path}")
+                log.warning(f"MLflow at {state['tracking_uri']} is unreachable "
+                            f"({short_error(err)}); training goes on, records wait in {path}")
             failing = True
             if closing:
                 return 1
@@ -379,36 +232,7 @@ def follow(run_dir: Path) -> int:
         failing, backoff, wait = False, 0.5, 0.0
         sent = pending[n - 1]["seq"]
         del pending[:n]
-        write_atomic(_dir(run_dir) / "sent", str(sent), Durability.ATOMIC)
-
-
-SENDER_LOCK = "sender.lock"
-
-
-def _sender_lock(run_dir: Path, wait_s: float):
-    """The run dir's one-sender lock (an flock; released when the holder exits or closes it):
-    None if another process holds it after ``wait_s`` seconds."""
-    import fcntl
-
-    _dir(run_dir).mkdir(parents=True, exist_ok=True)
-    lock = (_dir(run_dir) / SENDER_LOCK).open("w")
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return lock
-        except OSError:
-            if time.monotonic() >= deadline:
-                lock.close()
-                return None
-            time.sleep(0.1)
-
-
-def _short(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    line = text[0] if text else type(err).__name__
-    return (line[:160] + "...") if len(line) > 160 else line
-
+        write_atomic(state_dir(run_dir) / "sent", str(sent), Durability.ATOMIC)
 
 def sync(run_dir: str | Path, wait_s: float = 30.0) -> tuple[int, int]:
     """Send a run dir's unsent operations now (``gptforge mlflow sync``); (sent, left).
@@ -417,23 +241,23 @@ def sync(run_dir: str | Path, wait_s: float = 30.0) -> tuple[int, int]:
     state = read_state(run_dir)
     if not state.get("run_uid"):
         return 0, 0
-    lock = _sender_lock(run_dir, wait_s)
+    lock = sender_lock(run_dir, wait_s)
     if lock is None:
         raise RuntimeError(f"another process is still sending this run's records "
-                           f"({_dir(run_dir) / SENDER_LOCK} is held)")
+                           f"({state_dir(run_dir) / SENDER_LOCK} is held)")
     with lock:
         return _sync_locked(run_dir, state)
 
 
 def _sync_locked(run_dir: Path, state: dict) -> tuple[int, int]:
-    sent = _read_sent(run_dir)
+    sent = read_sent(run_dir)
     pending = [op for op in read_outbox(run_dir) if op["seq"] > sent]
     sender = Sender(run_dir, state)
     done = 0
     while pending:
         n = sender.send(pending[:BATCH_METRICS])  # raises when the server is unreachable
         sent = pending[n - 1]["seq"]
-        write_atomic(_dir(run_dir) / "sent", str(sent), Durability.ATOMIC)
+        write_atomic(state_dir(run_dir) / "sent", str(sent), Durability.ATOMIC)
         done += n
         del pending[:n]
     write_state(run_dir, {**read_state(run_dir), "unsent": 0})
@@ -453,19 +277,19 @@ def end_unfinished(run_dir: str | Path, status: str) -> bool:
     statuses = [op["status"] for op in ops if op["op"] == "status"]
     ended_here = bool(statuses) and statuses[-1] == "RUNNING"
     if ended_here:
-        path = _dir(run_dir) / "outbox.jsonl"
-        seq = max([_read_sent(run_dir), *(op["seq"] for op in ops)]) + 1
+        path = state_dir(run_dir) / "outbox.jsonl"
+        seq = max([read_sent(run_dir), *(op["seq"] for op in ops)]) + 1
         with path.open("ab") as f:
             if f.tell() and not path.read_bytes().endswith(b"\n"):
                 f.write(b"\n")  # a line cut off by the crash stays unreadable, ours does not
             f.write((json.dumps({"seq": seq, "time": time.time(), "op": "status",
                                  "status": status}) + "\n").encode())
     # the run's own end (FAILED written by a rank whose sender was then killed) may wait too
-    if any(op["seq"] > _read_sent(run_dir) for op in read_outbox(run_dir)):
+    if any(op["seq"] > read_sent(run_dir) for op in read_outbox(run_dir)):
         try:
             sync(run_dir)
         except Exception as err:  # noqa: BLE001 (server away, or a sender still at it)
-            log.warning(f"MLflow: records of {run_dir} not sent ({_short(err)}); "
+            log.warning(f"MLflow: records of {run_dir} not sent ({short_error(err)}); "
                         f"`gptforge mlflow sync {run_dir}` sends them", extra=ANY_RANK)
     return ended_here
 
