@@ -27,6 +27,11 @@ ROOT = "gptforge"
 PLAIN = {"plain": True}  # extra=: the message is the whole line
 ANY_RANK = {"any_rank": True}  # extra=: print on whichever rank makes the record
 PLAIN_ANY_RANK = {**PLAIN, **ANY_RANK}
+DEBUG_ENV = "GPTFORGE_DEBUG"  # --debug: tracebacks, and the libraries' own chatter
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 class _Rank:

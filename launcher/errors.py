@@ -17,20 +17,15 @@ import traceback
 from pathlib import Path
 
 from gptforge.common.errors import UserError
-from gptforge.common.log import PLAIN, get_logger
+from gptforge.common.log import PLAIN, debug_enabled, get_logger
 
 EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1
 EXIT_USER_ERROR = 2
 EXIT_CHECKPOINTED = 75  # stopped by a signal after saving a checkpoint: restart me (EX_TEMPFAIL)
-DEBUG_ENV = "GPTFORGE_DEBUG"
 ERROR_DIR_ENV = "GPTFORGE_ERROR_DIR"
 
 log = get_logger(__name__)
-
-
-def debug_enabled() -> bool:
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def is_user_error(exc: BaseException) -> bool:

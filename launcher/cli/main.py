@@ -134,7 +134,8 @@ def _split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gptforge.launcher.errors import DEBUG_ENV, report
+    from gptforge.common.log import DEBUG_ENV
+    from gptforge.launcher.errors import report
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()

@@ -22,11 +22,8 @@ import warnings
 
 import torch
 
+from gptforge.common.log import debug_enabled
 from gptforge.common.patching import TESTED, Patches
-
-
-def _debug() -> bool:
-    return os.environ.get("GPTFORGE_DEBUG", "") not in ("", "0")
 
 
 def _no_shm_op() -> None:
@@ -46,7 +43,7 @@ def import_deepspeed():
     import deepspeed
 
     PATCHES.install()
-    if not _debug():
+    if not debug_enabled():
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", category=FutureWarning,
                                 message=r".*torch\.distributed\..* is deprecated")
