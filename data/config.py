@@ -29,7 +29,8 @@ class DataConfig:
     record its hash and must match it."""
     format: Literal["pretrain", "sft"] = "pretrain"
     """pretrain: every token is learned; sft: prompt/response shards (data prepare --format
-    sft), the prompt tokens carry no loss. The shards must be of this format."""
+    sft), the prompt tokens carry no loss. The shards must be of this format. With mock data,
+    sft masks a random prefix of each sample (responses of very different lengths)."""
     num_workers: int = 0
     """DataLoader worker processes per rank; 0: read in the training process."""
     reset_position_ids: bool = False

@@ -3,7 +3,9 @@
 Global sample ``g`` is an arithmetic sequence ``(start + stride * t) % vocab`` with start and
 stride drawn from a generator seeded by (seed, split, g): a model can learn it, so the loss falls.
 Data-parallel rank r of D takes the r-th contiguous slice of every global batch, so the union over
-ranks (and the loss) is the same whatever D is.
+ranks (and the loss) is the same whatever D is. With ``data.format=sft`` each sample's first p
+tokens are a "prompt" without loss, p drawn from the same generator (0 to seq_length - 1): very
+unequal response lengths, the same for every layout (token-weighting tests).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ _SPLIT_OFFSET = {"train": 0, "valid": 1 << 40}
 
 class MockBatches:
     def __init__(self, *, split: str, seq_length: int, micro_batch_size: int,
-                 global_batch_size: int, dp_rank: int, dp_size: int, seed: int, vocab_size: int):
+                 global_batch_size: int, dp_rank: int, dp_size: int, seed: int, vocab_size: int,
+                 sft: bool = False):
         self.seq_length, self.mbs, self.gbs = seq_length, micro_batch_size, global_batch_size
         self.dp_rank, self.dp_size, self.seed, self.vocab = dp_rank, dp_size, seed, vocab_size
-        self.offset = _SPLIT_OFFSET[split]
+        self.offset, self.sft = _SPLIT_OFFSET[split], sft
         self.per_rank = global_batch_size // dp_size
         self.consumed = 0  # samples this rank has produced
 
@@ -49,15 +52,18 @@ class MockBatches:
 
     def __next__(self) -> dict:
         params = torch.empty(self.mbs, 2, dtype=torch.int64)
+        prompt = torch.zeros(self.mbs, 1, dtype=torch.int64)
         gen = torch.Generator()
         for row, g in enumerate(self._global_indices()):
             gen.manual_seed(self.seed * 1_000_003 + self.offset + g)
             params[row] = torch.randint(0, self.vocab, (2,), generator=gen)
+            if self.sft:
+                prompt[row] = torch.randint(0, self.seq_length, (1,), generator=gen)
         self.consumed += self.mbs
         start, stride = params[:, :1], params[:, 1:] % 7 + 1
         t = torch.arange(self.seq_length + 1, dtype=torch.int64)
         seq = (start + stride * t) % self.vocab
         tokens, labels = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
         return {"tokens": tokens, "labels": labels,
-                "loss_mask": torch.ones(tokens.shape, dtype=torch.float32),
+                "loss_mask": (t[:-1] >= prompt).to(torch.float32),
                 "position_ids": t[:-1].expand(self.mbs, -1).contiguous()}

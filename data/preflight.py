@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from gptforge.data.shardspec import (
     ResolvedSource,
-    SourceError,
     config_tokenizer,
     resolve_split,
     shard_problems,
@@ -26,9 +25,6 @@ def check_data(cfg, *, splits: tuple[str, ...] = ("train", "valid"), seq_length:
     tok = config_tokenizer(cfg, vocab_size)
     notes = [_tokenizer_note(tok)] if tok else []
     if cfg.source == "mock":
-        if cfg.format == "sft":
-            raise SourceError("data.format: sft needs data.source=webdataset and SFT shards "
-                              "(mock data has no prompts to mask)")
         return notes
     for split in splits:
         resolved = resolve_split(cfg, split, vocab_size=vocab_size, tok=tok)

@@ -28,7 +28,8 @@ def build_batches(cfg: Config, layout: Layout, ctx, split: str):
     if cfg.data.source == "mock":
         from gptforge.data.mock import MockBatches
 
-        return MockBatches(global_batch_size=cfg.train.global_batch_size, **kwargs)
+        return MockBatches(global_batch_size=cfg.train.global_batch_size,
+                           sft=cfg.data.format == "sft", **kwargs)
     from gptforge.data.loader import build_loader
 
     return build_loader(cfg.data, **kwargs)

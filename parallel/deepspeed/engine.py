@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from gptforge.model.loss import masked_token_loss
+from gptforge.model.loss import masked_token_loss_sum, token_weighted_mean
 from gptforge.common.durable import Durability, fsync_path, write_atomic
 from gptforge.parallel.config import OptimConfig, ParallelConfig, PrecisionConfig
 from gptforge.common.errors import ConfigError
@@ -80,7 +80,8 @@ class MegatronMpu:
 
 
 class LossModel(torch.nn.Module):
-    """The GPT chunk (or its Float16Module) with the loss of ``model/loss.py`` on top."""
+    """The GPT chunk (or its Float16Module) with the loss of ``model/loss.py`` on top: returns
+    the micro-batch's (loss sum, token count)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -88,7 +89,7 @@ class LossModel(torch.nn.Module):
 
     def forward(self, tokens, position_ids, attention_mask, labels, loss_mask):
         per_token = self.model(tokens, position_ids, attention_mask, labels=labels)
-        return masked_token_loss(per_token, loss_mask)
+        return masked_token_loss_sum(per_token, loss_mask)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load through the wrapped model's own ``load_state_dict``. megatron's Float16Module
@@ -244,34 +245,43 @@ class DeepSpeedEngine:
         """Parameters held by this rank before ZeRO partitioning (its TP shard)."""
         return self._param_count
 
-    def _forward(self, mb: dict) -> torch.Tensor:
+    def _forward(self, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ctx.device.type != "cpu":
             mb = {k: v.to(self.ctx.device, non_blocking=True) for k, v in mb.items()}
         return self.engine(mb["tokens"], mb["position_ids"], mb.get("attention_mask"),
                            mb["labels"], mb["loss_mask"])
 
-    def _mean_over_dp(self, losses: list[torch.Tensor]) -> float:
-        loss = torch.stack(losses).mean().float()
+    def _sum_over_dp(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.to(self.ctx.device, torch.float64)
         if self.ctx.dp_size > 1:
-            dist.all_reduce(loss, group=MegatronMpu().get_data_parallel_group())
-            loss = loss / self.ctx.dp_size
-        return float(loss)
+            dist.all_reduce(values, group=MegatronMpu().get_data_parallel_group())
+        return values
+
+    def _global_tokens(self, micro_batches: list[dict]) -> torch.Tensor:
+        """The step's loss-carrying tokens over every micro-batch and DP rank."""
+        local = sum(mb["loss_mask"].sum(dtype=torch.float64) for mb in micro_batches)
+        return self._sum_over_dp(torch.as_tensor(local).reshape(1))[0]
 
     def train_step(self, micro_batches: list[dict]) -> StepResult:
         if len(micro_batches) != self.num_microbatches:
             raise ValueError(f"{len(micro_batches)} micro-batches, the DeepSpeed config says "
                              f"{self.num_microbatches}")
         self.engine.train()
-        losses = []
+        tokens = self._global_tokens(micro_batches)
+        # DeepSpeed divides each micro-batch's loss by their number and averages gradients over
+        # DP: a sum scaled by (micro-batches x DP) / tokens gives the token-weighted gradient.
+        scale = float(self.num_microbatches * self.ctx.dp_size / tokens.clamp(min=1))
+        totals = []
         for mb in micro_batches:
-            loss = self._forward(mb)
-            self.engine.backward(loss)
+            total, _ = self._forward(mb)
+            self.engine.backward(total * scale)
             self.engine.step()  # an update only at the last micro-batch (accumulation boundary)
-            losses.append(loss.detach())
+            totals.append(total.detach())
         norm = self.engine.get_global_grad_norm()
         norm = self._clip_norm if norm is None else norm
         scale = self.engine._get_optimizer_loss_scale() if self.fp16 else 1.0
-        return StepResult(loss=self._mean_over_dp(losses),
+        return StepResult(loss=token_weighted_mean(self._sum_over_dp(torch.stack(totals).sum()),
+                                                   tokens),
                           grad_norm=None if norm is None else float(norm),
                           skipped=not self.engine.was_step_applied(),
                           loss_scale=float(scale if scale is not None else 1.0),
@@ -280,7 +290,9 @@ class DeepSpeedEngine:
     @torch.no_grad()
     def eval_step(self, micro_batches: list[dict]) -> float | None:
         self.engine.eval()
-        return self._mean_over_dp([self._forward(mb).detach() for mb in micro_batches])
+        sums = torch.stack([torch.stack(self._forward(mb)).detach() for mb in micro_batches])
+        total, tokens = self._sum_over_dp(sums.sum(0))
+        return token_weighted_mean(total, tokens)
 
     # ------------------------------------------------------------------ checkpoints
 

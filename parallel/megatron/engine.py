@@ -12,7 +12,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from gptforge.model.loss import masked_token_loss
+from gptforge.model.loss import masked_token_loss_sum, token_weighted_mean
 from gptforge.parallel.megatron import cpu_compat
 from gptforge.parallel.config import OptimConfig, ParallelConfig, PrecisionConfig
 from gptforge.parallel.context import ParallelContext
@@ -86,9 +86,11 @@ def build_scheduler(optimizer, optim: OptimConfig, train_iters: int):
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    loss = masked_token_loss(output_tensor, loss_mask)
-    # The schedule divides the returned loss in place by the micro-batch count: report a copy.
-    return loss, {"lm_loss": loss.detach().clone()}
+    """The micro-batch's loss sum and token count (megatron's per-token-loss form: the schedule
+    adds the counts up, ``finalize_model_grads`` all-reduces them over DP and divides the
+    gradients by the step's global count)."""
+    total, tokens = masked_token_loss_sum(output_tensor, loss_mask)
+    return total, tokens.to(torch.int), {"lm_loss": torch.stack([total.detach().clone(), tokens])}
 
 
 def _forward_step(data_iterator, model):
@@ -113,6 +115,7 @@ class MegatronEngine:
         self.ctx, self.seq_length = ctx, seq_length
         # Chunks are built on CPU (use_cpu_initialization): move them before wrapping.
         chunks = [chunk.to(ctx.device) for chunk in chunks]
+        tcfg.calculate_per_token_loss = True  # a step's gradient: the token-weighted mean's
         distopt = parallel.use_distributed_optimizer
         self.model_chunks = apply_data_parallel(apply_mixed_precision(chunks, tcfg, precision),
                                                 tcfg, distopt)
@@ -162,13 +165,14 @@ class MegatronEngine:
         )
         if not self.ctx.is_last_stage:
             return None
-        loss = torch.stack([d["lm_loss"] for d in losses]).mean()
+        total, tokens = torch.stack([d["lm_loss"] for d in losses]).sum(0)
         if self.ctx.dp_size > 1:
             from megatron.core import parallel_state as ps
 
-            dist.all_reduce(loss, group=ps.get_data_parallel_group())
-            loss = loss / self.ctx.dp_size
-        return float(loss)
+            both = torch.stack([total, tokens])
+            dist.all_reduce(both, group=ps.get_data_parallel_group())
+            total, tokens = both
+        return token_weighted_mean(total, tokens)
 
     def train_step(self, micro_batches: list[dict]) -> StepResult:
         for chunk in self.model_chunks:

@@ -202,6 +202,24 @@ def test_pretraining_config_on_sft_shards_is_refused(sft_data):
         read_shard(str(sft_data / "train-000000.tar"))
 
 
-def test_sft_on_mock_data_is_refused():
-    with raises(SourceError, "data.format", "mock"):
-        check_data(DataConfig(format="sft"), seq_length=8, vocab_size=VOCAB)
+def test_sft_mock_data_masks_a_prefix_of_each_sample_the_same_for_any_dp_size():
+    from gptforge.data.mock import MockBatches
+
+    assert check_data(DataConfig(format="sft"), seq_length=8, vocab_size=VOCAB) == []
+
+    def masks(dp_size: int, sft: bool = True) -> torch.Tensor:
+        out = []
+        for dp_rank in range(dp_size):
+            batches = MockBatches(split="train", seq_length=16, micro_batch_size=8 // dp_size,
+                                  global_batch_size=8, dp_rank=dp_rank, dp_size=dp_size, seed=3,
+                                  vocab_size=VOCAB, sft=sft)
+            out.append(next(batches)["loss_mask"])
+        return torch.cat(out)
+
+    one = masks(1)
+    assert torch.equal(one, masks(2)) and torch.equal(one, masks(4))
+    prompt_lengths = (one == 0).sum(1)
+    assert len(set(prompt_lengths.tolist())) > 3  # very unequal responses
+    assert all(row[:p].eq(0).all() and row[p:].eq(1).all()  # a prefix, then the response
+               for row, p in zip(one, prompt_lengths.tolist()))
+    assert torch.equal(masks(2, sft=False), torch.ones(8, 16))
