@@ -13,6 +13,7 @@ component is handed only its own section.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,6 +63,20 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _finite_float(key: str, value: Any) -> float:
+    """A float setting: numbers (YAML 1.1 reads 3e-4, without a dot, as a string), finite."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(key, f"expected float, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, f"expected float, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, got {value!r}")
+    return float(value)
+
+
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
     origin = typing.get_origin(tp)
@@ -100,14 +115,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(key, f"expected int, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(key, f"expected float, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected float, got {value!r}")
-        return float(value)
+        return _finite_float(key, value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(key, f"expected str, got {value!r}")

@@ -19,13 +19,22 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be saved here or loaded into this model; names the file/key."""
 
 
+class TrainingDiverged(UserError):
+    """Training produced non-finite values it could not skip past; the message names the step."""
+
+
+OVERFLOW = "overflow"  # fp16: the loss scale was too high; it is lowered (not counted)
+NONFINITE = "non-finite"  # a non-finite loss or grad norm no loss scale explains (counted)
+
+
 @dataclass
 class StepResult:
-    loss: float | None  # mean over the global batch; None on ranks that do not hold it
+    loss: float | None  # token-weighted mean over the global batch; None off the last stage
     grad_norm: float | None
-    skipped: bool  # fp16 overflow: the update was not applied
+    skipped: bool  # the update was not applied (the weights are those of the step before)
     loss_scale: float
     lr: float
+    skip_reason: str = ""  # OVERFLOW or NONFINITE when skipped
 
 
 class Engine(Protocol):

@@ -25,6 +25,9 @@ from gptforge.launcher.rundir import check_run_dir, refuse_previous_run, replace
 from gptforge.parallel.layout import Layout
 
 log = get_logger(__name__)
+# What the LR schedule is computed from (parallel/optim.py learning_rate; megatron's scheduler)
+SCHEDULE_KEYS = ("optim.lr", "optim.min_lr", "optim.lr_warmup_iters", "optim.lr_decay_iters",
+                 "optim.lr_decay_style", "optim.weight_decay", "train.train_iters")
 STOPPED_MARK = "stopped.json"  # this attempt stopped on a signal with a checkpoint: restart me
 
 
@@ -110,9 +113,15 @@ def _resume(cfg: Config, start: Start, ckpt, sink) -> int:
     load_optim = cfg.checkpoint.load_optim or start.resuming
     step = ckpt.load(start.checkpoint, load_optim=load_optim)
     event = "restart" if start.resuming else "loaded"
+    changes = ckpt.config_changes(start.checkpoint)
     sink.log({"event": event, "step": step, "checkpoint": str(start.checkpoint),
-              "load_optim": load_optim, "config_changes": ckpt.config_changes(start.checkpoint)})
+              "load_optim": load_optim, "config_changes": changes})
     log.info(f"{event} from {start.checkpoint} at step {step}")
+    schedule = {k: v for k, v in changes.items() if k in SCHEDULE_KEYS}
+    if load_optim and schedule:
+        log.warning("the LR schedule changed since the checkpoint ("
+                    + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in schedule.items())
+                    + f"): this config's schedule applies, from step {step}")
     return step
 
 
@@ -142,8 +151,8 @@ def _finish(cfg: Config, result: RunResult, ckpt, sink, ctx, engine) -> None:
     from gptforge.launcher.run.sample import write_sample
 
     if cfg.checkpoint.enabled and result.last_step > 0:
-        ckpt.save(result.last_step, "signal" if result.stopped_by else "final", sync=True)
-        result.checkpointed = True
+        result.checkpointed = ckpt.save(result.last_step, "signal" if result.stopped_by
+                                        else "final", sync=True)
     ckpt.drain()
     if result.stopped_by:
         sink.log({"event": "stopped", "step": result.last_step, "signal": result.stopped_by})

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 from gptforge.common.errors import ConfigError
 from gptforge.launcher.run.throughput import memory_bytes
-from gptforge.parallel.engine import Engine
+from gptforge.parallel.engine import NONFINITE, Engine, StepResult, TrainingDiverged
 
 
 @dataclass
@@ -31,17 +31,44 @@ class TrainConfig:
     eval_iters: int = 2
     """Global batches per validation."""
     log_interval: int = 1
-    """Log a metrics record every this many steps (and the last)."""
+    """Log a metrics record every this many steps (and the last, and every skipped one)."""
+    max_skipped_steps: int = 3
+    """Stop the run (non-zero exit) after this many steps in a row skipped for a non-finite
+    loss or gradient norm (fp16 overflows that lower the loss scale do not count)."""
 
 
 def validate_train(cfg: TrainConfig) -> None:
     """The train section on its own: counts >= 1, intervals >= 0."""
-    for key in ("train_iters", "micro_batch_size", "global_batch_size", "log_interval"):
+    for key in ("train_iters", "micro_batch_size", "global_batch_size", "log_interval",
+                "max_skipped_steps"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(cfg, key)}")
     for key in ("eval_interval", "eval_iters"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"train.{key}", f"must be >= 0, got {getattr(cfg, key)}")
+
+
+class SkipGuard:
+    """Counts the steps skipped in a row for a non-finite loss or grad norm (an applied step
+    ends the row; an fp16 overflow that lowered the loss scale neither counts nor ends it)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.first = limit, None
+        self.count = 0
+
+    def see(self, step: int, out: StepResult) -> None:
+        if not out.skipped:
+            self.count, self.first = 0, None
+        elif out.skip_reason == NONFINITE:
+            self.count += 1
+            self.first = self.first or step
+            if self.count >= self.limit:
+                raise TrainingDiverged(
+                    f"train.max_skipped_steps: {self.count} steps in a row ({self.first}-{step})"
+                    f" were skipped for a non-finite loss or gradient norm (step {step}: loss "
+                    f"{out.loss}, grad norm {out.grad_norm}, loss scale {out.loss_scale:g}); no "
+                    f"update was applied from them: lower optim.lr, or "
+                    f"resume from the newest checkpoint with other settings")
 
 
 @dataclass
@@ -85,6 +112,7 @@ def train(engine: Engine, train_iter: Iterator[dict], cfg: TrainConfig, *, num_m
     may run a collective); when it returns True the loop ends after that step.
     """
     result = LoopResult(last_step=start_step)
+    guard = SkipGuard(cfg.max_skipped_steps)
 
     def emit(record: dict) -> None:
         result.records.append(record)
@@ -96,10 +124,12 @@ def train(engine: Engine, train_iter: Iterator[dict], cfg: TrainConfig, *, num_m
         out = engine.train_step(micro_batches)
         elapsed = time.perf_counter() - start
         last = step == cfg.train_iters
-        if step % cfg.log_interval == 0 or last:
+        if step % cfg.log_interval == 0 or last or out.skipped:
             emit({"step": step, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
                   "loss_scale": out.loss_scale, "skipped": out.skipped,
+                  **({"skip_reason": out.skip_reason} if out.skipped else {}),
                   **throughput.record(elapsed), "mem_bytes": memory_bytes()})
+        guard.see(step, out)
         if make_valid_iter and cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
             val_loss = evaluate(engine, make_valid_iter(), num_microbatches, cfg.eval_iters)
             if val_loss is not None:

@@ -94,7 +94,7 @@ class MetricsSink:
         parts = [f"step {record['step']:>6}"] + [_fmt(k, record[k]) for k in self.CONSOLE_KEYS
                                                  if record.get(k) is not None]
         if record.get("skipped"):
-            parts.append("SKIPPED (overflow)")
+            parts.append(f"SKIPPED ({record.get('skip_reason') or 'overflow'})")
         log.info(" | ".join(parts), extra=PLAIN_ANY_RANK)
         if self._mlflow is not None:
             numbers = {k: float(v) for k, v in record.items()

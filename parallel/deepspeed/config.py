@@ -105,7 +105,9 @@ def _zero_section(parallel: ParallelConfig, num_parameters: int) -> dict:
 
 
 def _precision_sections(precision: PrecisionConfig) -> dict:
-    out = {"bf16": {"enabled": precision.dtype == "bf16"}}
+    # bf16: ZeRO 1/2 skip an update whose grad norm is non-finite (as fp32 and fp16 do)
+    out = {"bf16": {"enabled": True, "check_grad_overflow": True}
+           if precision.dtype == "bf16" else {"enabled": False}}
     if precision.dtype == "fp16":
         out["fp16"] = {"enabled": True, "loss_scale": 0,  # 0: dynamic
                        "initial_scale_power": int(math.log2(precision.initial_loss_scale)),

@@ -16,6 +16,7 @@ DeepSpeed's shared-memory all-reduce op is not built (``parallel/deepspeed/compa
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -32,7 +33,8 @@ from gptforge.parallel.deepspeed.compat import import_deepspeed
 from gptforge.parallel.deepspeed.config import CONFIG_FILE, deepspeed_config
 from gptforge.parallel.deepspeed.convert import (TAG, fp32_state_dict, gpt_param_name,
                                                  read_record, write_record)
-from gptforge.parallel.engine import CheckpointError, StepResult
+from gptforge.parallel.engine import (NONFINITE, OVERFLOW, CheckpointError, StepResult,
+                                     TrainingDiverged)
 from gptforge.parallel.optim import adamw_settings, fuse_adamw, learning_rate
 
 FORMAT_VERSION = 1  # of our record beside DeepSpeed's files (deepspeed_convert.RECORD_FILE)
@@ -226,17 +228,27 @@ class DeepSpeedEngine:
             lr_scheduler=lambda opt: MegatronLR(opt, optim, train_iters),
             dist_init_required=False)
         self.fp16 = precision.dtype == "fp16"
+        self.min_loss_scale = precision.min_loss_scale
         self._clip_norm: float | None = None
+        self._dropped_update = False
         if parallel.zero_stage == 0 and precision.dtype == "fp32":
             # DeepSpeed's own fp32 path clips without keeping the norm: keep it.
             self.engine.clip_fp32_gradients = self._clip_fp32_gradients
 
     def _clip_fp32_gradients(self) -> None:
+        """DeepSpeed's fp32 clipping, keeping the norm; a non-finite norm drops the gradients
+        (torch's AdamW then leaves every param and its state as they are: the update is
+        skipped, as ZeRO 1/2 skip it)."""
         from deepspeed.runtime.utils import clip_grad_norm_
 
-        norm = clip_grad_norm_(parameters=self.engine.module.parameters(),
-                               max_norm=self.engine.gradient_clipping(), mpu=self.engine.mpu)
-        self._clip_norm = float(norm)
+        params = list(self.engine.module.parameters())
+        norm = float(clip_grad_norm_(parameters=params, max_norm=self.engine.gradient_clipping(),
+                                     mpu=self.engine.mpu))
+        self._clip_norm = norm
+        if not math.isfinite(norm):
+            for param in params:
+                param.grad = None
+            self._dropped_update = True
 
     # ------------------------------------------------------------------ steps
 
@@ -278,14 +290,32 @@ class DeepSpeedEngine:
             self.engine.step()  # an update only at the last micro-batch (accumulation boundary)
             totals.append(total.detach())
         norm = self.engine.get_global_grad_norm()
-        norm = self._clip_norm if norm is None else norm
+        norm = self._clip_norm if norm is None else float(norm)
         scale = self.engine._get_optimizer_loss_scale() if self.fp16 else 1.0
+        scale = float(scale if scale is not None else 1.0)
+        skipped, reason = self._skip_of(norm, scale)
         return StepResult(loss=token_weighted_mean(self._sum_over_dp(torch.stack(totals).sum()),
                                                    tokens),
-                          grad_norm=None if norm is None else float(norm),
-                          skipped=not self.engine.was_step_applied(),
-                          loss_scale=float(scale if scale is not None else 1.0),
-                          lr=float(self.optimizer.param_groups[0]["lr"]))
+                          grad_norm=norm, skipped=skipped, loss_scale=scale,
+                          lr=float(self.optimizer.param_groups[0]["lr"]), skip_reason=reason)
+
+    def _skip_of(self, norm: float | None, loss_scale: float) -> tuple[bool, str]:
+        """Whether DeepSpeed skipped this step's update, and why (NONFINITE: counted)."""
+        finite = norm is None or math.isfinite(norm)
+        if self._dropped_update:  # _clip_fp32_gradients dropped it; DeepSpeed stepped the LR
+            self._dropped_update = False
+            self.scheduler.step(increment=-1)
+            return True, NONFINITE
+        if self.engine.was_step_applied():
+            if not finite:
+                raise TrainingDiverged(
+                    f"parallel.engine=deepspeed (ZeRO stage {self.parallel.zero_stage}) applied "
+                    f"an update with a non-finite gradient norm ({norm}); the weights are lost "
+                    f"from this step on: resume from the newest checkpoint with a lower optim.lr")
+            return False, ""
+        if self.fp16 and loss_scale > self.min_loss_scale:
+            return True, OVERFLOW
+        return True, NONFINITE
 
     @torch.no_grad()
     def eval_step(self, micro_batches: list[dict]) -> float | None:

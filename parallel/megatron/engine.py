@@ -7,17 +7,30 @@ the parallel state), then megatron's optimizer (grad clipping, loss scaling) and
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
+from gptforge.common.patching import TESTED, Patches
 from gptforge.model.loss import masked_token_loss_sum, token_weighted_mean
 from gptforge.parallel.megatron import cpu_compat
 from gptforge.parallel.config import OptimConfig, ParallelConfig, PrecisionConfig
 from gptforge.parallel.context import ParallelContext
-from gptforge.parallel.engine import StepResult
+from gptforge.parallel.engine import NONFINITE, OVERFLOW, StepResult
 from gptforge.parallel.optim import fuse_adamw, lr_decay_iters
+
+
+_OPTIMIZER = "megatron.core.optimizer.optimizer"
+# The upstream step() bodies ``MegatronEngine._step_optimizer`` follows stage by stage: a change
+# upstream stops the engine build in one line instead of silently diverging (common/patching.py).
+STEP_BODIES = Patches("engine step", "megatron-core", TESTED["megatron-core"])
+for _cls, _sha in (("MixedPrecisionOptimizer", "10ed0cb46699b1cc"),
+                   ("FP32Optimizer", "c376b9dec1eab575"), ("ChainedOptimizer", "efe98d8282885005")):
+    STEP_BODIES.add(f"{_cls}.step", f"{_OPTIMIZER}:{_cls}.step", copied_sha256=_sha)
+for _method in ("prepare_grads", "get_grad_norm", "step_with_ready_grads"):
+    STEP_BODIES.add(_method, f"{_OPTIMIZER}:MegatronOptimizer.{_method}")
 
 
 def apply_mixed_precision(chunks, tcfg, precision: PrecisionConfig):
@@ -82,6 +95,9 @@ def build_scheduler(optimizer, optim: OptimConfig, train_iters: int):
         lr_decay_steps=lr_decay_iters(optim, train_iters),
         lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay,
         end_wd=optim.weight_decay, wd_incr_steps=train_iters, wd_incr_style="constant",
+        # the config in force defines the schedule; a checkpoint gives only the step count
+        # (the rule of both engines: README "Resuming")
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
     )
 
 
@@ -112,6 +128,7 @@ class MegatronEngine:
         from gptforge.parallel.megatron import fixes as megatron_fixes
 
         megatron_fixes.apply()  # before the optimizer exists: its load paths are patched
+        STEP_BODIES.check()  # the optimizer step _step_optimizer re-composes
         self.ctx, self.seq_length = ctx, seq_length
         # Chunks are built on CPU (use_cpu_initialization): move them before wrapping.
         chunks = [chunk.to(ctx.device) for chunk in chunks]
@@ -174,6 +191,33 @@ class MegatronEngine:
             total, tokens = both
         return token_weighted_mean(total, tokens)
 
+    def _step_optimizer(self) -> tuple[bool, float | None, str]:
+        """megatron's optimizer step, guarded: (applied, grad norm, skip reason).
+
+        megatron's own ``step()`` applies a bf16/fp32 update whatever the gradient holds. Here
+        the same stages run (``prepare_grads``, the grad norm, clipping by it,
+        ``step_with_ready_grads``; ``STEP_BODIES`` pins the upstream bodies this follows), and a
+        non-finite grad norm -- the same on every rank -- skips the update as an fp16 overflow
+        does. An fp16 overflow at the minimum loss scale is non-finite too: no scale explains it.
+        """
+        from megatron.core.optimizer import optimizer as moptimizer
+
+        opt = self.optimizer
+        if opt.prepare_grads():  # fp16: the scaler found inf/nan and lowered the scale
+            scaler = getattr(opt, "grad_scaler", None)
+            at_min = scaler is None or float(scaler.scale) <= float(scaler.min_scale)
+            return False, None, NONFINITE if at_min else OVERFLOW
+        grad_norm = float(opt.get_grad_norm())
+        if not math.isfinite(grad_norm):
+            return False, grad_norm, NONFINITE
+        for inner in getattr(opt, "chained_optimizers", None) or [opt]:
+            params = inner.get_parameters()
+            if params and inner.config.clip_grad > 0.0:
+                moptimizer.clip_grad_by_total_norm_fp32(
+                    params, max_norm=inner.config.clip_grad, total_norm=grad_norm,
+                    use_decoupled_grad=inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        return bool(opt.step_with_ready_grads()), grad_norm, ""
+
     def train_step(self, micro_batches: list[dict]) -> StepResult:
         for chunk in self.model_chunks:
             if not chunk.training:  # eval_step sets the whole tree; train() walks every module
@@ -181,12 +225,12 @@ class MegatronEngine:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss = self._run(micro_batches, forward_only=False)
-        updated, grad_norm, _ = self.optimizer.step()
+        updated, grad_norm, reason = self._step_optimizer()
         if updated:
             self.scheduler.step(increment=1)
-        return StepResult(loss=loss, grad_norm=None if grad_norm is None else float(grad_norm),
-                          skipped=not updated, loss_scale=float(self.optimizer.get_loss_scale()),
-                          lr=self.optimizer.param_groups[0]["lr"])
+        return StepResult(loss=loss, grad_norm=grad_norm, skipped=not updated,
+                          loss_scale=float(self.optimizer.get_loss_scale()),
+                          lr=self.optimizer.param_groups[0]["lr"], skip_reason=reason)
 
     @torch.no_grad()
     def eval_step(self, micro_batches: list[dict]) -> float | None:

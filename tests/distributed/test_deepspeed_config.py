@@ -49,7 +49,8 @@ def test_generated_config_follows_our_sections():
                               num_parameters=10_000_000)
     assert config["train_batch_size"] == cfg.train.global_batch_size == 8
     assert config["gradient_accumulation_steps"] == 1 and config["gradient_clipping"] == 0.5
-    assert config["bf16"] == {"enabled": True} and not config["fp16"]["enabled"]
+    assert config["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    assert not config["fp16"]["enabled"]
     zero = config["zero_optimization"]
     assert zero["stage"] == 3
     assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"

@@ -21,14 +21,15 @@ from tests.conftest import TINY
 def _registries():
     from gptforge.model import decode_linears
     from gptforge.parallel.deepspeed import compat
-    from gptforge.parallel.megatron import cpu_compat, fixes
+    from gptforge.parallel.megatron import cpu_compat, engine, fixes
     from gptforge.parallel.megatron.checkpoint import safe_read
 
     compat.import_deepspeed()
     return {"megatron fixes": fixes.PATCHES, "CPU layer (megatron)": cpu_compat.PATCHES,
             "CPU layer (torch)": cpu_compat.TORCH_PATCHES, "DeepSpeed compat": compat.PATCHES,
             "safe reading (megatron)": safe_read.UPSTREAM,
-            "safe reading (torch)": safe_read.DCP_READER, "decode layout": decode_linears.UPSTREAM}
+            "safe reading (torch)": safe_read.DCP_READER, "decode layout": decode_linears.UPSTREAM,
+            "engine step": engine.STEP_BODIES}
 
 
 def test_every_patch_target_exists_and_every_copied_body_is_unchanged():
@@ -37,7 +38,8 @@ def test_every_patch_target_exists_and_every_copied_body_is_unchanged():
     for name, registry in registries.items():
         registry.check()  # raises PatchError naming the first target that is off
     copied = [p.name for r in registries.values() for p in r.patches.values() if p.copied_sha256]
-    assert sorted(copied) == ["b", "clip", "writer"]
+    assert sorted(copied) == ["ChainedOptimizer.step", "FP32Optimizer.step",
+                              "MixedPrecisionOptimizer.step", "b", "clip", "writer"]
 
 
 def _fake_module(monkeypatch, tmp_path, source: str) -> types.ModuleType:

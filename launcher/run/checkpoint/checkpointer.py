@@ -81,12 +81,15 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- saving
 
-    def save(self, step: int, reason: str, *, sync: bool) -> None:
-        """Start a checkpoint of ``step`` (async only if configured and not ``sync``)."""
+    def save(self, step: int, reason: str, *, sync: bool) -> bool:
+        """Start a checkpoint of ``step`` (async only if configured and not ``sync``); False
+        when none is written (non-finite weights)."""
         self.drain()
         final = self.dir / ck.step_name(step)
         if self.last_saved_step == step or final.is_dir():
-            return
+            return True
+        if not self._finite(step):
+            return False
         partial = final.with_name(final.name + ck.PARTIAL_SUFFIX)
         if self.ctx.rank == 0:
             ck.remove_partials(self.dir)  # leftovers of a save that was cut off
@@ -102,6 +105,22 @@ class Checkpointer:
                                  [rng_rel])
         if sync or not self.cfg.async_save:
             self.drain()
+        return True
+
+    def _finite(self, step: int) -> bool:
+        """A checkpoint is never written from non-finite weights, so ``latest`` (and what
+        retention keeps) always holds finite ones; the run goes on, and the non-finite guard of
+        the loop stops it. Every rank looks at its own shard; the ranks agree."""
+        import torch
+
+        bad = any(not bool(torch.isfinite(param).all())
+                  for chunk in self.engine.model_chunks for param in chunk.parameters())
+        if not pc.max_over_ranks(self.ctx, int(bad)):
+            return True
+        latest = ck.read_latest(self.dir)
+        log.warning(f"checkpoint of step {step} not written: the weights hold non-finite "
+                    f"values; latest stays {latest.name if latest else '(none)'} in {self.dir}")
+        return False
 
     def poll(self) -> None:
         """At a step boundary: commit the async save in flight if every rank has written it."""
