@@ -87,7 +87,7 @@ def check_launch_env(rank: int, world_size: int) -> None:
                           f"ranks (rank {rank}): set it to the first node's address")
 
 
-_SET_BY_US: list[str] = []  # MASTER_* variables _set_master_env defaulted in this process
+_SET_BY_US: list[str] = []  # MASTER_*, LOCAL_RANK variables defaulted in this process
 
 
 def _set_master_env(rank: int, world_size: int) -> None:
@@ -113,6 +113,9 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 10) -> tuple[
     backend = _choose_backend(backend)
     if not dist.is_initialized():
         _set_master_env(rank, world_size)
+        if "LOCAL_RANK" not in os.environ:  # DeepSpeed asks for it even in a lone process
+            os.environ["LOCAL_RANK"] = str(local_rank)
+            _SET_BY_US.append("LOCAL_RANK")
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
