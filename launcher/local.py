@@ -25,7 +25,6 @@ from pathlib import Path
 from gptforge.common.log import PLAIN, get_logger
 from gptforge.launcher.errors import (ERROR_DIR_ENV, EXIT_CHECKPOINTED, EXIT_INTERNAL_ERROR,
                                       EXIT_OK)
-from gptforge.parallel.context import free_port
 
 log = get_logger(__name__)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -45,10 +44,21 @@ def _rank_env(rank: int, nproc: int, port: int, error_dir: str) -> dict:
     env = dict(os.environ)
     env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
                LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), **{ERROR_DIR_ENV: error_dir})
+               MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
+               **{ERROR_DIR_ENV: error_dir})
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
     return env
+
+
+def _rendezvous_store():
+    """The ranks' rendezvous store, hosted here as torchrun's agent hosts it: it listens on a
+    port the kernel picked and holds it, so that no other launch can take the port between
+    choosing it and the ranks' start (each rank connects as a client:
+    ``TORCHELASTIC_USE_AGENT_STORE``)."""
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 class RankGroup:
@@ -56,7 +66,8 @@ class RankGroup:
 
     def __init__(self, nproc: int, argv: list[str]):
         self.error_dir = tempfile.mkdtemp(prefix="gptforge-errors-")
-        port = free_port()
+        self.store = _rendezvous_store()  # held until the ranks are gone
+        port = self.store.port
         cmd = [sys.executable, "-m", "gptforge.launcher.run", *argv]
         self.procs: list[subprocess.Popen] = []
         for rank in range(nproc):

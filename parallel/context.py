@@ -8,16 +8,48 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from gptforge.common.errors import UserError
+from gptforge.common.patching import TESTED, Patches
 
 from gptforge.parallel.megatron import cpu_compat
+
+
+class CollectiveTimeout(UserError):
+    """A collective waited ``parallel.distributed_timeout_minutes`` for a rank that never came."""
+
+
+_TIMEOUT_TEXT = re.compile(r"timed out|timeout", re.IGNORECASE)
+_GPTFORGE_ROOT = str(Path(__file__).resolve().parents[1])  # where gptforge's parts are
+
+
+def _ours(filename: str) -> bool:
+    return filename.startswith(_GPTFORGE_ROOT) or "/megatron/" in filename \
+        or "/deepspeed/" in filename
+
+
+def collective_timeout(exc: BaseException, timeout_minutes: int) -> CollectiveTimeout | None:
+    """``exc`` as a one-line CollectiveTimeout if it is a process group's timeout (gloo's
+    "Timed out waiting ...ms", NCCL's watchdog, the store's wait), naming where it waited."""
+    if not isinstance(exc, (RuntimeError, dist.DistError)) or not _TIMEOUT_TEXT.search(str(exc)):
+        return None
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _ours(f.filename)]
+    where = f" in {frames[-1].name} ({Path(frames[-1].filename).name}:{frames[-1].lineno})" \
+        if frames else ""
+    detail = str(exc).strip().splitlines()[0].split("] ", 1)[-1][:100]
+    return CollectiveTimeout(
+        f"a collective{where} waited parallel.distributed_timeout_minutes={timeout_minutes} "
+        f"for a rank that did not answer (stalled, stopped or dead: {detail}); the newest "
+        f"checkpoint resumes the run")
 
 
 class LaunchError(UserError):
@@ -120,7 +152,19 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 10) -> tuple[
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
+    apply_default_timeout(timeout_minutes)
     return rank, world_size, local_rank, backend
+
+
+def apply_default_timeout(timeout_minutes: int) -> None:
+    """Every process group created from now on without a timeout of its own (megatron's
+    sub-groups, DeepSpeed's) waits ``parallel.distributed_timeout_minutes``, not torch's 30
+    (or NCCL's 10) minute default."""
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    defaults = Patches("process-group timeout", "torch", TESTED["torch"])
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        defaults.add(name, f"torch.distributed.distributed_c10d:{name}", timeout)
+    defaults.install()
 
 
 def init_parallel(cfg_parallel, backend: str | None = None) -> ParallelContext:
@@ -137,6 +181,7 @@ def init_parallel(cfg_parallel, backend: str | None = None) -> ParallelContext:
         tensor_model_parallel_size=cfg_parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg_parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+        distributed_timeout_minutes=cfg_parallel.distributed_timeout_minutes,
     )
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return ParallelContext(
@@ -148,17 +193,18 @@ def init_parallel(cfg_parallel, backend: str | None = None) -> ParallelContext:
         vpp_size=vpp if vpp and vpp > 1 else None,
         dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
         device=device, backend=backend,
-        control_group=dist.group.WORLD if backend == "gloo" else _gloo_world_group(),
+        control_group=dist.group.WORLD if backend == "gloo" else _gloo_world_group(
+            datetime.timedelta(minutes=cfg_parallel.distributed_timeout_minutes)),
     )
 
 
 _GLOO_WORLD = None
 
 
-def _gloo_world_group():
+def _gloo_world_group(timeout: datetime.timedelta):
     global _GLOO_WORLD
     if _GLOO_WORLD is None:
-        _GLOO_WORLD = dist.new_group(backend="gloo")
+        _GLOO_WORLD = dist.new_group(backend="gloo", timeout=timeout)
     return _GLOO_WORLD
 
 

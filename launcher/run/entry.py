@@ -126,16 +126,17 @@ def _resume(cfg: Config, start: Start, ckpt, sink) -> int:
 
 
 def _stop_check(cfg: Config, ctx, ckpt, stop, at_point: Callable[[str, int], None]):
-    """After every step, on every rank: commit an async save, agree on a stop, save at the
-    interval. Returns True when the run should stop."""
-    from gptforge.parallel.context import max_over_ranks
+    """After every step, on every rank: commit an async save, agree on a stop (every step, or
+    every K: ``launcher/run/stopping.py``), save at the interval. True: the run should stop."""
+    from gptforge.launcher.run.stopping import StopAgreement
 
     interval = cfg.checkpoint.save_interval if cfg.checkpoint.enabled else 0
+    agreement = StopAgreement(ctx, stop)
 
     def should_stop(step: int) -> bool:
         at_point("after_step", step)
         ckpt.poll()
-        agreed = max_over_ranks(ctx, stop.signum or 0)
+        agreed = agreement.agree(step)
         if agreed:  # a rank the signal has not reached (yet) stops for the same one
             stop.adopt(agreed)
             return True
@@ -188,8 +189,8 @@ def run(cfg: Config, *, at_point: Callable[[str, int], None] = no_point) -> RunR
     from gptforge.launcher.run.loop import train
     from gptforge.launcher.run.metrics import build_sink
     from gptforge.launcher.slurm_rank import stop_request
-    from gptforge.parallel.context import (barrier, check_launch_env, destroy_model_parallel,
-                                           env_rank_info, init_parallel)
+    from gptforge.parallel.context import (barrier, check_launch_env, collective_timeout,
+                                           destroy_model_parallel, env_rank_info, init_parallel)
     from gptforge.parallel.seeding import set_seed
 
     rank, world_size, _ = env_rank_info()
@@ -236,6 +237,9 @@ def run(cfg: Config, *, at_point: Callable[[str, int], None] = no_point) -> RunR
         if sink is not None:
             sink.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
                        report=False)
+        timeout = collective_timeout(exc, cfg.parallel.distributed_timeout_minutes)
+        if timeout is not None:
+            raise timeout from exc
         raise
     finally:
         stop.uninstall()
