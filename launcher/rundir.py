@@ -51,7 +51,8 @@ def previous_run(path: Path, checkpoint_dir: Path | None = None) -> str:
         found.append(f"{METRICS_FILE} with {_steps_logged(path)}")
     elif (path / "config.yaml").is_file():
         found.append("config.yaml")
-    if checkpoint_dir is not None and checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()):
+    if checkpoint_dir is not None and checkpoint_dir.is_dir() and any(
+            p.name.startswith("step-") for p in checkpoint_dir.iterdir()):
         found.append(f"checkpoints in {checkpoint_dir}")
     return ", ".join(found)
 

@@ -50,12 +50,15 @@ class Start:
 def find_start(cfg: Config) -> Start:
     """The checkpoint to start from; a checkpoint of another model shape is refused here."""
     from gptforge.launcher.run.checkpoint import format as ck
+    from gptforge.launcher.run.checkpoint import ownership
 
     if cfg.run.overwrite:  # the previous run, checkpoints included, is being replaced
+        if cfg.checkpoint.enabled:  # (only this run's own checkpoints)
+            ownership.check_owner(ck.save_dir(cfg.checkpoint, cfg.run.dir), cfg.run.dir)
         own = None if not cfg.checkpoint.load else ck.resolve(cfg.checkpoint.load)
         start = Start(own, False)
     else:
-        start = Start(*ck.find_start(cfg.checkpoint, cfg.run.dir))
+        start = Start(*ownership.find_start(cfg.checkpoint, cfg.run.dir))
     if start.checkpoint is not None:
         manifest = ck.read_manifest(start.checkpoint)
         ck.check_compatible(manifest, to_dict(cfg.model), start.checkpoint)
@@ -63,31 +66,54 @@ def find_start(cfg: Config) -> Start:
 
 
 def preflight(cfg: Config, world_size: int, *, is_run_dir_owner: bool) -> Layout:
-    """Config, run dir, data and tokenizer checks: cheap, no model, no process group."""
+    """Config, run dir, data and tokenizer checks: cheap, no model, no process group. Also: no
+    other run holds the run dir or the checkpoint directory, and every place the run writes is
+    writable with room to spare (``launcher/run/places.py``)."""
     from gptforge.launcher.run.checkpoint.format import save_dir
+    from gptforge.launcher.run.checkpoint.ownership import probe_lock
+    from gptforge.launcher.run.places import check_places
 
     layout = validate(cfg, world_size)
     start = find_start(cfg)
     if is_run_dir_owner:
         own = save_dir(cfg.checkpoint, cfg.run.dir) if cfg.checkpoint.enabled else None
-        refuse_previous_run(check_run_dir(cfg.run.dir), overwrite=cfg.run.overwrite,
+        probe_lock(check_run_dir(cfg.run.dir), "run.dir")
+        if own is not None:
+            probe_lock(own, "checkpoint.save")
+        refuse_previous_run(Path(cfg.run.dir), overwrite=cfg.run.overwrite,
                             resuming=start.resuming, checkpoint_dir=own)
+        check_places(cfg, layout.padded_vocab_size)
     check_data(cfg)
     return layout
 
 
-def _start_run_dir(cfg: Config, start: Start) -> None:
-    """Rank 0, before the model: refuse or replace a previous run, write config.yaml."""
+def _start_run_dir(cfg: Config, start: Start, layout: Layout) -> list:
+    """Rank 0, before the model: take the run dir (and checkpoint dir) for this run, refuse or
+    replace a previous run, check the places it writes, write config.yaml. Returns the locks,
+    held until the run ends."""
+    from gptforge.launcher.run.checkpoint import ownership
     from gptforge.launcher.run.checkpoint.format import save_dir
+    from gptforge.launcher.run.places import check_places
 
     path = check_run_dir(cfg.run.dir)
-    own = save_dir(cfg.checkpoint, cfg.run.dir)
-    if refuse_previous_run(path, overwrite=cfg.run.overwrite, resuming=start.resuming,
-                           checkpoint_dir=own if cfg.checkpoint.enabled else None):
-        keep = start.checkpoint is not None and own in start.checkpoint.parents
-        replace_previous_run(path, None if keep else own)
-    dump_config(cfg, path / "config.yaml")
-    (path / STOPPED_MARK).unlink(missing_ok=True)
+    locks = [ownership.lock_dir(path, "run.dir")]
+    try:
+        own = save_dir(cfg.checkpoint, cfg.run.dir)
+        if refuse_previous_run(path, overwrite=cfg.run.overwrite, resuming=start.resuming,
+                               checkpoint_dir=own if cfg.checkpoint.enabled else None):
+            keep = start.checkpoint is not None and own in start.checkpoint.parents
+            replace_previous_run(path, None if keep else own)
+        check_places(cfg, layout.padded_vocab_size)
+        if cfg.checkpoint.enabled:
+            locks.append(ownership.lock_dir(own, "checkpoint.save"))
+            ownership.claim(own, cfg.run.dir, None if start.resuming else cfg.checkpoint.load)
+        dump_config(cfg, path / "config.yaml")
+        (path / STOPPED_MARK).unlink(missing_ok=True)
+    except BaseException:
+        for lock in locks:
+            lock.close()
+        raise
+    return locks
 
 
 def run_record(cfg: Config):
@@ -198,13 +224,12 @@ def run(cfg: Config, *, at_point: Callable[[str, int], None] = no_point) -> RunR
     check_launch_env(rank, world_size)
     layout = validate(cfg, world_size)
     start = find_start(cfg)
-    if rank == 0:
-        _start_run_dir(cfg, start)
-    notes = check_data(cfg)
-    stop = stop_request().install()
-    ctx = init_parallel(cfg.parallel)
-    sink = None
+    locks = _start_run_dir(cfg, start, layout) if rank == 0 else []
+    stop = sink = None
     try:
+        notes = check_data(cfg)
+        stop = stop_request().install()
+        ctx = init_parallel(cfg.parallel)
         for note in [*layout_notes(cfg, layout), *notes]:
             log.info(note)
         set_seed(cfg.train.seed, ctx.pp_rank)
@@ -242,8 +267,11 @@ def run(cfg: Config, *, at_point: Callable[[str, int], None] = no_point) -> RunR
             raise timeout from exc
         raise
     finally:
-        stop.uninstall()
+        if stop is not None:
+            stop.uninstall()
         destroy_model_parallel()
+        for lock in locks:
+            lock.close()
 
 
 def exit_code(result: RunResult) -> int:

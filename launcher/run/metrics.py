@@ -88,7 +88,14 @@ class MetricsSink:
 
     def log(self, record: dict) -> None:
         record = {"time": time.time(), **record}
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk, a quota, a vanished mount
+            from gptforge.launcher.rundir import RunDirError
+
+            raise RunDirError(f"{self.path}: {err.strerror or err}; the run stopped at step "
+                              f"{record.get('step')}: the records before it and the "
+                              f"checkpoints written so far are kept") from None
         if "event" in record:
             return  # a marker in metrics.jsonl (restart, stop), not a metric
         parts = [f"step {record['step']:>6}"] + [_fmt(k, record[k]) for k in self.CONSOLE_KEYS
@@ -113,7 +120,10 @@ class MetricsSink:
     def close(self, status: str = "FINISHED", artifacts=(), report: bool = True) -> None:
         """``status``: FINISHED, FAILED or KILLED (stopped by a signal; a resumed run sets it
         RUNNING again). ``artifacts``: (path, artifact dir) pairs logged before the status."""
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # a line a full disk refused (reported by log) is not flushed again
+            pass
         if self._mlflow is not None:
             for path, artifact_path in artifacts:
                 self._mlflow.put({"op": "artifact", "path": str(path),

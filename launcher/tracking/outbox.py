@@ -15,10 +15,10 @@ here imports mlflow."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from gptforge.common.durable import Durability, write_atomic
+from gptforge.common.locks import try_lock
 
 STATE_DIR = "mlflow"
 SENDER_LOCK = "sender.lock"
@@ -80,22 +80,9 @@ def read_outbox(run_dir: str | Path) -> list[dict]:
 
 
 def sender_lock(run_dir: Path, wait_s: float):
-    """The run dir's one-sender lock (an flock; released when the holder exits or closes it):
-    None if another process holds it after ``wait_s`` seconds."""
-    import fcntl
-
-    state_dir(run_dir).mkdir(parents=True, exist_ok=True)
-    lock = (state_dir(run_dir) / SENDER_LOCK).open("w")
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return lock
-        except OSError:
-            if time.monotonic() >= deadline:
-                lock.close()
-                return None
-            time.sleep(0.1)
+    """The run dir's one-sender lock (common/locks.py): None if another process holds it after
+    ``wait_s`` seconds."""
+    return try_lock(state_dir(run_dir) / SENDER_LOCK, wait_s)
 
 def short_error(err: BaseException) -> str:
     text = str(err).strip().splitlines()

@@ -115,3 +115,24 @@ def test_config_verb_validates_like_train(capsys):
                      "--nproc-per-node", "4"]) == 0
     out = capsys.readouterr().out
     assert "# layout: TP=2 PP=1 DP=2" in out
+
+
+def test_too_little_room_for_a_checkpoint_is_refused_naming_the_place(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from gptforge.common.errors import ConfigError
+    from gptforge.launcher.config import validate
+    from gptforge.launcher.run import places
+
+    cfg = load_config([TINY], [f"--run.dir={tmp_path / 'run'}", "--model.num_layers=24",
+                               "--model.hidden_size=1024", "--model.num_attention_heads=16"])
+    layout = validate(cfg, 1)
+    need = places.checkpoint_bytes(cfg, layout.padded_vocab_size)
+    assert 3.5e9 < need < 4.5e9  # ~300M params x 12 bytes (fp32 weights + Adam)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**40, 0, int(need * 0.5)))
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ConfigError, match=r"^checkpoint.save: .*/run/checkpoints has 1\.\d+ GiB "
+                                          r"free; one checkpoint of this model needs about"):
+        places.check_places(cfg, layout.padded_vocab_size)

@@ -7,6 +7,7 @@ tensors (``engine.save`` / ``engine.load``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from gptforge.launcher.run.checkpoint import format as ck
+from gptforge.launcher.run.checkpoint.ownership import move_aside
 from gptforge.parallel import context as pc
 from gptforge.common.durable import Durability, fsync_path, write_atomic
 from gptforge.common.log import get_logger
@@ -62,6 +64,10 @@ class RunRecord:
     tokenizer_sha256: str | None
 
 
+class NotWritten(CheckpointError):
+    """A save failed; the message says what is kept."""
+
+
 def no_point(name: str, step: int) -> None:
     """The default ``at_point``: nothing happens at the named points of a save."""
 
@@ -86,13 +92,34 @@ class Checkpointer:
         when none is written (non-finite weights)."""
         self.drain()
         final = self.dir / ck.step_name(step)
-        if self.last_saved_step == step or final.is_dir():
+        if self.last_saved_step == step or (final / ck.MANIFEST).is_file():
             return True
         if not self._finite(step):
             return False
+        with self._kept_on_failure(step):
+            self._start(step, reason, final, sync)
+        return True
+
+    @contextlib.contextmanager
+    def _kept_on_failure(self, step: int):
+        """A save that fails (a full disk, a dead writer) says, in one line, what is kept."""
+        try:
+            yield
+        except NotWritten:
+            raise
+        except (CheckpointError, OSError) as err:
+            latest = ck.read_latest(self.dir)
+            detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise NotWritten(f"checkpoint of step {step} in {self.dir} not written "
+                                  f"({detail}); latest stays "
+                                  f"{latest.name if latest else '(none)'}") from err
+
+    def _start(self, step: int, reason: str, final: Path, sync: bool) -> None:
         partial = final.with_name(final.name + ck.PARTIAL_SUFFIX)
         if self.ctx.rank == 0:
             ck.remove_partials(self.dir)  # leftovers of a save that was cut off
+            if final.is_dir():  # without a manifest: never taken for this checkpoint
+                move_aside(final)
             partial.mkdir(parents=True)
         pc.barrier(self.ctx)
         started = time.perf_counter()
@@ -105,7 +132,6 @@ class Checkpointer:
                                  [rng_rel])
         if sync or not self.cfg.async_save:
             self.drain()
-        return True
 
     def _finite(self, step: int) -> bool:
         """A checkpoint is never written from non-finite weights, so ``latest`` (and what
@@ -158,7 +184,7 @@ class Checkpointer:
 
     def _commit(self, p: _Pending) -> None:
         self._pending = None
-        with self.stop.saving():
+        with self.stop.saving(), self._kept_on_failure(p.step):
             mine = self._my_files(p)
             everyone = pc.all_gather_objects(self.ctx, (self.ctx.rank, mine))
             self.at_point("before_manifest", p.step)

@@ -38,7 +38,7 @@ LATEST = "latest"
 STATE_DIR = "state"
 RNG_DIR = "rng"
 PARTIAL_SUFFIX = ".partial"
-_STEP_RE = re.compile(r"^step-(\d{7,})$")
+STEP_RE = re.compile(r"^step-(\d{7,})$")
 # Model settings a checkpoint's tensors depend on: a mismatch cannot load.
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
               "ffn_hidden_size", "vocab_size", "make_vocab_size_divisible_by",
@@ -116,9 +116,9 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     """Step directories with a manifest, oldest first."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if p.is_dir() and _STEP_RE.match(p.name)
+    found = [p for p in directory.iterdir() if p.is_dir() and STEP_RE.match(p.name)
              and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
 
 
 def partial_checkpoints(directory: Path) -> list[Path]:
@@ -149,16 +149,6 @@ def resolve(path: str | Path) -> Path:
         raise CheckpointError(f"{path}: holds no complete checkpoint (no {LATEST} and no "
                               f"step-*/{MANIFEST})")
     return found
-
-
-def find_start(cfg: CheckpointConfig, run_dir: str | Path) -> tuple[Path | None, bool]:
-    """(checkpoint to start from, whether it is this run resuming itself)."""
-    own = save_dir(cfg, run_dir)
-    if cfg.enabled and read_latest(own) is not None:
-        return read_latest(own), True  # a restart of this run wins over checkpoint.load
-    if cfg.load:
-        return resolve(cfg.load), False
-    return None, False
 
 
 def check_compatible(manifest: dict, model_cfg: dict, where: Path) -> None:
