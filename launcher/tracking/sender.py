@@ -94,7 +94,11 @@ class Sender:
         if found:
             run_id = found[0].info.run_id
         else:
+            # the run starts when the training did (its first record), not when the sender
+            # first reached the server, which may be much later
+            first = min((op["time"] for op in read_outbox(self.run_dir)), default=time.time())
             run = client.create_run(exp, run_name=self.state["run_name"],
+                                    start_time=int(first * 1000),
                                     tags={"gptforge.run_uid": uid})
             run_id = run.info.run_id
             self.created_here = True

@@ -225,6 +225,9 @@ def test_records_wait_for_the_store_and_a_resumed_run_replays_them(tmp_path):
     c, run = the_run(uri)
     assert (run.info.run_name, run.info.status) == ("replay", "FINISHED")
     assert history(c, run) == {s: float(s) for s in range(1, 8)}
+    # created late (the store came back mid-run), the run still starts when training did
+    stamps = [m.timestamp for m in c.get_metric_history(run.info.run_id, "loss")]
+    assert run.info.start_time <= min(stamps) <= max(stamps) <= run.info.end_time
     assert run.data.params == {"a.b": "1"}
 
 
