@@ -22,7 +22,7 @@ import json
 import logging
 from pathlib import Path
 
-from gptforge.data.tokenizer import TokenizerError, TokenizerInfo
+from gptforge.data.tokenizer import TokenizerError, TokenizerInfo, vocab_sha256
 
 TOKENIZER_JSON = "tokenizer.json"
 GPT2_FILES = ("vocab.json", "merges.txt")
@@ -96,6 +96,9 @@ class HfTokenizer:
     def get_piece_size(self) -> int:
         return len(self.backend)
 
+    def id_to_piece(self, i: int) -> str:
+        return self.backend.convert_ids_to_tokens(i)
+
 
 def load_hf(path: Path) -> HfTokenizer:
     """The Hugging Face tokenizer at ``path``; TokenizerError names a folder or file it
@@ -146,7 +149,8 @@ def hf_info(path: Path) -> TokenizerInfo:
     tok = load_hf(path)
     return TokenizerInfo(path=str(path), sha256=files_sha256(hashed_files(path)),
                          vocab_size=tok.get_piece_size(), bos_id=tok.bos_id(),
-                         eos_id=tok.eos_id(), pad_id=tok.pad_id(), unk_id=tok.unk_id())
+                         eos_id=tok.eos_id(), pad_id=tok.pad_id(), unk_id=tok.unk_id(),
+                         vocab_sha256=vocab_sha256(tok))
 
 
 # ------------------------------------------------------------------ export

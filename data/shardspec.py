@@ -43,6 +43,7 @@ class ResolvedSource:
     expected_tokens: tuple[int | None, ...]  # per shard, from index.json when known
     tokenizer_path: str | None  # the tokenizer file index.json says made the shards
     sft: bool | None = None  # index.json says SFT shards (True) or pretraining (False)
+    tokenizer_vocab_sha256: str | None = None  # its identity (shards from before: None)
 
 
 def _read_index(path: Path) -> dict:
@@ -65,7 +66,8 @@ def _source(spec: str, urls: list[str], entries: list[dict | None], index_path: 
                           str(index_path) if index_path else None, index.get("vocab_size"),
                           index.get("eod_id"), tok.get("sha256") or None, per_shard("bytes"),
                           per_shard("tokens"), tok.get("path") or None,
-                          bool(index.get("sft", False)) if index_path else None)
+                          bool(index.get("sft", False)) if index_path else None,
+                          tok.get("vocab_sha256") or None)
 
 
 def _from_directory(directory: Path, split: str) -> ResolvedSource:
@@ -207,8 +209,14 @@ def check_source(src: ResolvedSource, vocab_size: int,
     if src.vocab_size is not None and src.vocab_size > vocab_size:
         raise SourceError(f"{where}: shards were made with a vocabulary of {src.vocab_size}, "
                           f"larger than model.vocab_size {vocab_size}")
-    if tok and src.tokenizer_sha256 and tok.sha256 != src.tokenizer_sha256:
-        made_with = f"tokenizer {src.tokenizer_path} " if src.tokenizer_path else "a tokenizer "
+    made_with = f"tokenizer {src.tokenizer_path} " if src.tokenizer_path else "a tokenizer "
+    if tok and src.tokenizer_vocab_sha256 and tok.vocab_sha256:  # the same vocabulary?
+        if tok.vocab_sha256 != src.tokenizer_vocab_sha256:
+            raise SourceError(f"{where}: shards were made with {made_with}of another "
+                              f"vocabulary (sha256 {src.tokenizer_vocab_sha256[:12]}…) than "
+                              f"data.tokenizer_model {tok.path} "
+                              f"(sha256 {tok.vocab_sha256[:12]}…)")
+    elif tok and src.tokenizer_sha256 and tok.sha256 != src.tokenizer_sha256:  # older shards
         raise SourceError(f"{where}: shards were made with {made_with}of sha256 "
                           f"{src.tokenizer_sha256[:12]}…, but data.tokenizer_model "
                           f"{tok.path} has sha256 {tok.sha256[:12]}…")

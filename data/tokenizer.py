@@ -45,12 +45,21 @@ class TokenizerError(DataError):
 @dataclass(frozen=True)
 class TokenizerInfo:
     path: str
-    sha256: str
+    sha256: str  # of the file(s): provenance
     vocab_size: int
     bos_id: int
     eos_id: int
     pad_id: int
     unk_id: int
+    vocab_sha256: str = ""  # of the id -> piece table and the special ids: identity
+
+
+def vocab_sha256(tok: "Tokenizer") -> str:
+    """The tokenizer's identity: its id -> piece table and special ids, whatever the file
+    format (a sentencepiece model and the tokenizer.json exported from it are one tokenizer)."""
+    table = {"pieces": [tok.id_to_piece(i) for i in range(tok.get_piece_size())],
+             "special": [tok.bos_id(), tok.eos_id(), tok.pad_id(), tok.unk_id()]}
+    return hashlib.sha256(json.dumps(table, ensure_ascii=False).encode()).hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:
@@ -77,6 +86,7 @@ class Tokenizer(Protocol):
     def pad_id(self) -> int: ...
     def unk_id(self) -> int: ...
     def get_piece_size(self) -> int: ...
+    def id_to_piece(self, i: int) -> str: ...
 
 
 def load(path: str | Path) -> Tokenizer:
@@ -114,7 +124,8 @@ def info(path: str | Path) -> TokenizerInfo:
         raise TokenizerError(f"{path}: cannot read: {err.strerror or err}") from None
     return TokenizerInfo(path=str(path), sha256=sha256,
                          vocab_size=proc.get_piece_size(), bos_id=proc.bos_id(),
-                         eos_id=proc.eos_id(), pad_id=proc.pad_id(), unk_id=proc.unk_id())
+                         eos_id=proc.eos_id(), pad_id=proc.pad_id(), unk_id=proc.unk_id(),
+                         vocab_sha256=vocab_sha256(proc))
 
 
 def _sentences(files: list[Path], text_key: str, txt_unit: str) -> Iterator[str]:

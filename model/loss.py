@@ -26,6 +26,7 @@ def masked_token_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> 
     return total / tokens.clamp(min=1)
 
 
-def token_weighted_mean(total: torch.Tensor, tokens: torch.Tensor) -> float:
-    """A step's loss from its (global) sum and token count; 0 when no token carries loss."""
-    return float(total / tokens.clamp(min=1))
+def token_weighted_mean(total, tokens) -> float:
+    """A loss from a (global) sum and token count (floats or 0-dim tensors); 0 when no token
+    carries loss."""
+    return float(total) / max(float(tokens), 1.0)

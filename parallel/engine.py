@@ -42,7 +42,8 @@ class Engine(Protocol):
 
     def train_step(self, micro_batches: list[dict]) -> StepResult: ...
 
-    def eval_step(self, micro_batches: list[dict]) -> float | None: ...
+    def eval_step(self, micro_batches: list[dict]) -> tuple[float, float] | None:
+        """(loss sum, loss-carrying tokens) of a global batch; None off the last stage."""
 
     @property
     def num_parameters(self) -> int: ...

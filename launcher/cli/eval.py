@@ -17,12 +17,29 @@ import json
 import math
 from pathlib import Path
 
+from gptforge.common.log import get_logger
 
-def _default_iters(src, tokens_per_iter: int) -> int:
+log = get_logger(__name__)
+
+
+def _one_pass(src, tokens_per_iter: int) -> int | None:
+    """Micro-batches in one pass over the split (None: its token count is not known)."""
     known = [t for t in src.expected_tokens if t is not None]
     if len(known) < len(src.expected_tokens):
-        return 10
+        return None
     return max(1, sum(known) // tokens_per_iter)
+
+
+def _iterations(src, eval_iters: int | None, micro_batch_size: int, seq: int, split: str) -> int:
+    """One pass by default; more than one pass is capped (the loader would repeat the split,
+    counting tokens twice), with a notice."""
+    one_pass = _one_pass(src, micro_batch_size * seq)
+    iters = eval_iters or one_pass or 10
+    if one_pass is not None and iters > one_pass:
+        log.warning(f"--eval-iters {iters} is more than one pass over the {split} split "
+                    f"({one_pass} iterations of {micro_batch_size} x {seq}): capped at {one_pass}")
+        iters = one_pass
+    return iters
 
 
 def evaluate_model(loaded, shards: str, *, split: str, eval_iters: int | None,
@@ -41,7 +58,7 @@ def evaluate_model(loaded, shards: str, *, split: str, eval_iters: int | None,
     cfg = config_from_dict(merge_dicts(to_dict(loaded.cfg), {"data": data, "train": train}))
     seq = cfg.model.seq_length
     check_data(cfg.data, splits=(split,), seq_length=seq, vocab_size=cfg.model.vocab_size)
-    iters = eval_iters or _default_iters(src, micro_batch_size * seq)
+    iters = _iterations(src, eval_iters, micro_batch_size, seq, split)
     counted = _CountTokens(build_batches(cfg, loaded.layout, loaded.ctx, split))
     loss = evaluate(loaded.engine, iter(counted), 1, iters)
     return {"checkpoint": str(loaded.path), "data": shards, "split": split, "loss": loss,

@@ -99,8 +99,11 @@ def _take(it: Iterator[dict], n: int) -> list[dict]:
 
 def evaluate(engine: Engine, valid_iter: Iterator[dict], num_microbatches: int,
              eval_iters: int) -> float | None:
-    losses = [engine.eval_step(_take(valid_iter, num_microbatches)) for _ in range(eval_iters)]
-    return None if not losses or losses[0] is None else sum(losses) / len(losses)
+    """The token-weighted loss over ``eval_iters`` global batches (None off the last stage)."""
+    sums = [engine.eval_step(_take(valid_iter, num_microbatches)) for _ in range(eval_iters)]
+    if not sums or sums[0] is None:
+        return None
+    return sum(s for s, _ in sums) / max(sum(t for _, t in sums), 1.0)
 
 
 def train(engine: Engine, train_iter: Iterator[dict], cfg: TrainConfig, *, num_microbatches: int,

@@ -318,11 +318,11 @@ class DeepSpeedEngine:
         return True, NONFINITE
 
     @torch.no_grad()
-    def eval_step(self, micro_batches: list[dict]) -> float | None:
+    def eval_step(self, micro_batches: list[dict]) -> tuple[float, float]:
         self.engine.eval()
         sums = torch.stack([torch.stack(self._forward(mb)).detach() for mb in micro_batches])
         total, tokens = self._sum_over_dp(sums.sum(0))
-        return token_weighted_mean(total, tokens)
+        return float(total), float(tokens)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -168,7 +168,8 @@ class MegatronEngine:
         """Parameters held by this rank (see the trainer for the global count)."""
         return self._param_count
 
-    def _run(self, micro_batches: list[dict], forward_only: bool) -> float | None:
+    def _run(self, micro_batches: list[dict], forward_only: bool) -> tuple[float, float] | None:
+        """The global batch's (loss sum, loss-carrying tokens); None off the last stage."""
         if self.ctx.device.type != "cpu":
             micro_batches = [{k: v.to(self.ctx.device, non_blocking=True) for k, v in mb.items()}
                              for mb in micro_batches]
@@ -189,7 +190,7 @@ class MegatronEngine:
             both = torch.stack([total, tokens])
             dist.all_reduce(both, group=ps.get_data_parallel_group())
             total, tokens = both
-        return token_weighted_mean(total, tokens)
+        return float(total), float(tokens)
 
     def _step_optimizer(self) -> tuple[bool, float | None, str]:
         """megatron's optimizer step, guarded: (applied, grad norm, skip reason).
@@ -224,7 +225,8 @@ class MegatronEngine:
                 chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss = self._run(micro_batches, forward_only=False)
+        sums = self._run(micro_batches, forward_only=False)
+        loss = None if sums is None else token_weighted_mean(*sums)
         updated, grad_norm, reason = self._step_optimizer()
         if updated:
             self.scheduler.step(increment=1)
@@ -233,7 +235,7 @@ class MegatronEngine:
                           lr=self.optimizer.param_groups[0]["lr"], skip_reason=reason)
 
     @torch.no_grad()
-    def eval_step(self, micro_batches: list[dict]) -> float | None:
+    def eval_step(self, micro_batches: list[dict]) -> tuple[float, float] | None:
         for chunk in self.model_chunks:
             chunk.eval()
         return self._run(micro_batches, forward_only=True)

@@ -93,3 +93,36 @@ def test_eval_of_a_hf_folder_equals_its_conversion(folders, converted, shards, t
     assert hf["tokens"] == ours["tokens"] == 3 * 2 * 128
     assert hf["perplexity"] == pytest.approx(math.exp(hf["loss"]))
     assert 0 < hf["loss"] < 50
+
+
+def test_eval_iters_past_one_pass_are_capped_with_a_notice(converted, shards, tmp_path, capsys):
+    outs = []
+    for extra in ([], ["--eval-iters", "100000"]):
+        out = tmp_path / f"eval{len(outs)}.json"
+        assert main(["eval", "--checkpoint", str(converted["llama"]), "--data", str(shards),
+                     "--micro-batch-size", "2", "--output-json", str(out), *extra]) == 0
+        outs.append(json.loads(out.read_text()))
+    one_pass, asked_more = outs
+    assert asked_more["eval_iters"] == one_pass["eval_iters"]  # one pass, not 100000
+    assert asked_more["tokens"] == one_pass["tokens"] and asked_more["loss"] == one_pass["loss"]
+    assert f"is more than one pass over the valid split ({one_pass['eval_iters']} iterations " \
+           in capsys.readouterr().err
+
+
+def test_the_same_vocabulary_in_another_format_is_the_same_tokenizer(folders, sp_model, corpus,
+                                                                     tmp_path):
+    """Shards made with a sentencepiece model evaluate with the Hugging Face folder whose
+    tokenizer.json was exported from it (identity is the vocabulary, not the file bytes)."""
+    sp_shards = tmp_path / "sp_shards"
+    assert main(["data", "prepare", "--input", str(corpus), "--tokenizer", str(sp_model),
+                 "--out", str(sp_shards), "--valid-fraction", "0.3", "--shard-size-mb", "0.05",
+                 "--no-progress"]) == 0
+    assert tokenizer.info(sp_model).sha256 != tokenizer.info(folders["llama"]).sha256
+    assert tokenizer.info(sp_model).vocab_sha256 == tokenizer.info(folders["llama"]).vocab_sha256
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(folders["llama"]), "--data", str(sp_shards),
+                 "--eval-iters", "2", "--micro-batch-size", "2", "--output-json", str(out)]) == 0
+    assert 0 < json.loads(out.read_text())["loss"] < 50
+    # another vocabulary is still refused, naming it
+    assert main(["eval", "--checkpoint", str(folders["gpt2"]), "--data", str(sp_shards),
+                 "--eval-iters", "2", "--micro-batch-size", "2"]) == 2

@@ -31,7 +31,8 @@ class FakeEngine:
 
     def eval_step(self, micro_batches):
         self.eval_calls += 1
-        return 2.0
+        k = float(self.eval_calls)
+        return k * k, k  # (loss sum, tokens): batch k has k tokens of loss k
 
 
 class ListSink:
@@ -78,7 +79,7 @@ def test_validation_runs_every_interval_and_after_the_last_step():
     val = [r for r in sink.records if "val_loss" in r]
     assert [r["step"] for r in val] == [2, 4, 5]
     assert engine.eval_calls == 3 * 3
-    assert val[0]["val_ppl"] == pytest.approx(math.exp(2.0))
+    assert val[0]["val_ppl"] == pytest.approx(math.exp((1 + 4 + 9) / (1 + 2 + 3)))
 
 
 def test_resume_starts_after_start_step():
@@ -110,12 +111,13 @@ def test_a_stop_on_the_last_step_is_a_normal_end():
     assert result.last_step == 1 and not result.stopped_early
 
 
-def test_evaluate_averages_and_reports_none_off_the_last_stage():
+def test_evaluate_weighs_by_token_and_reports_none_off_the_last_stage():
     class OffStage(FakeEngine):
         def eval_step(self, micro_batches):
             return None
 
-    assert evaluate(FakeEngine(), counter(), 2, 4) == 2.0
+    # (1 + 4 + 9 + 16) / (1 + 2 + 3 + 4), not the mean of the batches' means, 2.5
+    assert evaluate(FakeEngine(), counter(), 2, 4) == 3.0
     assert evaluate(OffStage(), counter(), 2, 4) is None
 
 
