@@ -126,3 +126,9 @@ def test_a_lone_process_takes_back_the_master_port_it_chose(monkeypatch):
     assert os.environ["MASTER_PORT"]
     destroy_parallel()
     assert "MASTER_PORT" not in os.environ and "MASTER_ADDR" not in os.environ
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf", "nan", "1e400"])
+def test_a_non_finite_number_is_refused_naming_the_key(value):
+    with pytest.raises(ConfigError, match=r"^optim\.lr: must be a finite number"):
+        load_config([], [f"--optim.lr={value}"])
