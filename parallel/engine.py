@@ -63,7 +63,7 @@ ENGINES = {"megatron": "gptforge.parallel.megatron.engine:MegatronEngine",
 
 # What an engine's constructor takes beyond the common arguments, by name; the launcher offers
 # micro_batch_size, num_microbatches (per step and DP rank) and run_dir.
-ENGINE_OPTIONS = {"megatron": (),
+ENGINE_OPTIONS = {"megatron": ("micro_batch_size",),
                   "deepspeed": ("micro_batch_size", "num_microbatches", "run_dir")}
 
 

@@ -31,6 +31,8 @@ for _cls, _sha in (("MixedPrecisionOptimizer", "10ed0cb46699b1cc"),
     STEP_BODIES.add(f"{_cls}.step", f"{_OPTIMIZER}:{_cls}.step", copied_sha256=_sha)
 for _method in ("prepare_grads", "get_grad_norm", "step_with_ready_grads"):
     STEP_BODIES.add(_method, f"{_OPTIMIZER}:MegatronOptimizer.{_method}")
+STEP_BODIES.add("finalize_model_grads", "megatron.core.distributed.finalize_model_grads:"
+                "finalize_model_grads", copied_sha256="8e8e2bb919cc02fc")
 
 
 def apply_mixed_precision(chunks, tcfg, precision: PrecisionConfig):
@@ -101,19 +103,43 @@ def build_scheduler(optimizer, optim: OptimConfig, train_iters: int):
     )
 
 
-def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """The micro-batch's loss sum and token count (megatron's per-token-loss form: the schedule
-    adds the counts up, ``finalize_model_grads`` all-reduces them over DP and divides the
-    gradients by the step's global count)."""
+def _loss_func(loss_mask: torch.Tensor, tokens_per_micro_batch: int,
+               output_tensor: torch.Tensor):
+    """The micro-batch's loss sum over ``tokens_per_micro_batch`` and its token count:
+    megatron's per-token-loss form (the schedule adds the counts up; ``_finalize_grads``
+    divides the gradients by the step's global count, times the same size). Backpropagating the
+    sum / size keeps gradients as large as a mean's: fp16 loss scales behave as before."""
     total, tokens = masked_token_loss_sum(output_tensor, loss_mask)
-    return total, tokens.to(torch.int), {"lm_loss": torch.stack([total.detach().clone(), tokens])}
+    return (total / tokens_per_micro_batch, tokens.to(torch.int),
+            {"lm_loss": torch.stack([total.detach().clone(), tokens])})
 
 
-def _forward_step(data_iterator, model):
+def _finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False, *,
+                    tokens_per_micro_batch: int):
+    """megatron's ``finalize_model_grads`` (all-reduces), then the token weighting it would do
+    with ``num_tokens`` (its last lines, pinned by ``STEP_BODIES``): the global token count from
+    the last pipeline stage, summed over DP, divides the gradients; times the micro-batch size
+    that ``_loss_func`` divided the sums by."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads(model, None, pg_collection=pg_collection,
+                         force_all_reduce=force_all_reduce)
+    if num_tokens is None:
+        return
+    dist.broadcast(num_tokens, src=ps.get_pipeline_model_parallel_last_rank(),
+                   group=ps.get_pipeline_model_parallel_group())
+    dist.all_reduce(num_tokens, group=ps.get_data_parallel_group(with_context_parallel=True))
+    if num_tokens > 0:
+        for chunk in model:
+            chunk.scale_gradients(tokens_per_micro_batch / float(num_tokens))
+
+
+def _forward_step(data_iterator, model, *, tokens_per_micro_batch: int):
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
                    labels=batch["labels"])
-    return output, partial(_loss_func, batch["loss_mask"])
+    return output, partial(_loss_func, batch["loss_mask"], tokens_per_micro_batch)
 
 
 class MegatronEngine:
@@ -121,8 +147,7 @@ class MegatronEngine:
 
     def __init__(self, chunks, tcfg, ctx: ParallelContext, *, parallel: ParallelConfig,
                  precision: PrecisionConfig, optim: OptimConfig, train_iters: int,
-                 seq_length: int):
-        from megatron.core.distributed import finalize_model_grads
+                 seq_length: int, micro_batch_size: int):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from gptforge.parallel.megatron import fixes as megatron_fixes
@@ -139,7 +164,9 @@ class MegatronEngine:
         self.optimizer = build_optimizer(self.model_chunks, optim, precision, distopt)
         self.scheduler = build_scheduler(self.optimizer, optim, train_iters)
         tcfg.grad_scale_func = self.optimizer.scale_loss
-        tcfg.finalize_model_grads_func = finalize_model_grads
+        self.tokens_per_micro_batch = micro_batch_size * seq_length
+        tcfg.finalize_model_grads_func = partial(
+            _finalize_grads, tokens_per_micro_batch=self.tokens_per_micro_batch)
         tcfg.no_sync_func = [c.no_sync for c in self.model_chunks]
         if len(self.model_chunks) == 1:
             tcfg.no_sync_func = tcfg.no_sync_func[0]
@@ -175,7 +202,8 @@ class MegatronEngine:
                              for mb in micro_batches]
         iters = [iter(micro_batches) for _ in self.model_chunks]
         losses = self._forward_backward(
-            forward_step_func=_forward_step,
+            forward_step_func=partial(_forward_step,
+                                      tokens_per_micro_batch=self.tokens_per_micro_batch),
             data_iterator=iters if len(iters) > 1 else iters[0],
             model=self.model_chunks if len(self.model_chunks) > 1 else self.model_chunks[0],
             num_microbatches=len(micro_batches), seq_length=self.seq_length,
@@ -204,14 +232,16 @@ class MegatronEngine:
         from megatron.core.optimizer import optimizer as moptimizer
 
         opt = self.optimizer
+        inners = getattr(opt, "chained_optimizers", None) or [opt]
         if opt.prepare_grads():  # fp16: the scaler found inf/nan and lowered the scale
-            scaler = getattr(opt, "grad_scaler", None)
+            scaler = next((o.grad_scaler for o in inners if getattr(o, "grad_scaler", None)),
+                          None)
             at_min = scaler is None or float(scaler.scale) <= float(scaler.min_scale)
             return False, None, NONFINITE if at_min else OVERFLOW
         grad_norm = float(opt.get_grad_norm())
         if not math.isfinite(grad_norm):
             return False, grad_norm, NONFINITE
-        for inner in getattr(opt, "chained_optimizers", None) or [opt]:
+        for inner in inners:
             params = inner.get_parameters()
             if params and inner.config.clip_grad > 0.0:
                 moptimizer.clip_grad_by_total_norm_fp32(

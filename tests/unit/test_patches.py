@@ -39,7 +39,8 @@ def test_every_patch_target_exists_and_every_copied_body_is_unchanged():
         registry.check()  # raises PatchError naming the first target that is off
     copied = [p.name for r in registries.values() for p in r.patches.values() if p.copied_sha256]
     assert sorted(copied) == ["ChainedOptimizer.step", "FP32Optimizer.step",
-                              "MixedPrecisionOptimizer.step", "b", "clip", "writer"]
+                              "MixedPrecisionOptimizer.step", "b", "clip",
+                              "finalize_model_grads", "writer"]
 
 
 def _fake_module(monkeypatch, tmp_path, source: str) -> types.ModuleType:
