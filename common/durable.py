@@ -58,3 +58,14 @@ def write_atomic(path: str | Path, data: str | bytes, durability: Durability) ->
     tmp = temp_path(path)
     tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     publish(tmp, path, durability)
+
+
+def make_writable_dir(path: str | Path) -> Path:
+    """Create ``path`` if needed and prove it writable (a probe file, written and removed);
+    raises the OSError of whatever stood in the way."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-probe-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+    return path

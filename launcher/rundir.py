@@ -7,11 +7,11 @@ unless ``run.overwrite`` asks to replace it. Checks run before any model is buil
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptforge.common.durable import make_writable_dir
 from gptforge.common.errors import ConfigError, UserError
 from gptforge.common.metrics_file import METRICS_FILE, metrics_path, read_records, step_records
 
@@ -63,10 +63,7 @@ def check_run_dir(path: str | Path) -> Path:
     if path.exists() and not path.is_dir():
         raise RunDirError(f"run.dir: {path} is a file, not a directory")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        make_writable_dir(path)
     except OSError as err:
         raise RunDirError(f"run.dir: {path} is not a writable directory "
                           f"({err.strerror or err})") from None

@@ -5,10 +5,10 @@ one-line refusal at the start, not an error at the end of a long run."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
+from gptforge.common.durable import make_writable_dir
 from gptforge.common.errors import ConfigError
 from gptforge.launcher.config import Config
 
@@ -31,10 +31,7 @@ def checkpoint_bytes(cfg: Config, padded_vocab_size: int) -> int:
 
 def _writable_dir(path: Path, key: str) -> Path:
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        make_writable_dir(path)
     except OSError as err:
         raise ConfigError(key, f"{path} is not a writable directory "
                                f"({err.strerror or err})") from None
