@@ -62,13 +62,13 @@ def _rendezvous_store():
 
 
 class RankGroup:
-    """The rank processes of one local launch."""
+    """The rank processes of one local launch (``python -m MODULE ARGV`` each)."""
 
-    def __init__(self, nproc: int, argv: list[str]):
+    def __init__(self, nproc: int, argv: list[str], module: str = "gptforge.launcher.run"):
         self.error_dir = tempfile.mkdtemp(prefix="gptforge-errors-")
         self.store = _rendezvous_store()  # held until the ranks are gone
         port = self.store.port
-        cmd = [sys.executable, "-m", "gptforge.launcher.run", *argv]
+        cmd = [sys.executable, "-m", module, *argv]
         self.procs: list[subprocess.Popen] = []
         for rank in range(nproc):
             group = {"process_group": 0 if rank == 0 else self.procs[0].pid}
@@ -165,8 +165,10 @@ def _supervise(group: RankGroup, stop: dict) -> int:
     return first[1] if first[1] > 0 else EXIT_INTERNAL_ERROR
 
 
-def launch_local(nproc: int, argv: list[str], mlflow_run_dir: str | None = None) -> int:
-    """Run ``nproc`` ranks of ``gptforge.launcher.run.entry argv``; forward signals; return a code.
+def launch_local(nproc: int, argv: list[str], mlflow_run_dir: str | None = None,
+                 module: str = "gptforge.launcher.run") -> int:
+    """Run ``nproc`` ranks of ``python -m MODULE argv`` (the training rank by default; a verb of
+    ``gptforge.launcher.cli.main`` for generate, eval, serve); forward signals; return a code.
     ``mlflow_run_dir``: the run dir of a run logging to MLflow, whose MLflow run is ended
     FAILED (or KILLED) here when the ranks could not end it themselves."""
     stop = {"count": 0, "signum": None}
@@ -177,7 +179,7 @@ def launch_local(nproc: int, argv: list[str], mlflow_run_dir: str | None = None)
         group.signal_all(signum)
 
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in FORWARDED}
-    group = RankGroup(nproc, argv)
+    group = RankGroup(nproc, argv, module)
     try:
         for sig in FORWARDED:
             signal.signal(sig, forward)

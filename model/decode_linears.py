@@ -39,7 +39,7 @@ def _fast_impl(original, transposed: dict):
                 transposed[id(weight)] = weight.t().contiguous()
             out = flat @ transposed[id(weight)]
         else:
-            out = (weight @ flat.t()).t()
+            out = (weight @ flat.t()).t().contiguous()  # (a later all-reduce needs it so)
         if bias is not None:
             out = out + bias
         return out.reshape(*input.shape[:-1], weight.shape[0])

@@ -107,48 +107,79 @@ def _check_prompts(prompts: list[list[int]], max_new_tokens: int, context: int) 
     return max(len(p) + max_new_tokens for p in prompts)
 
 
-class _Forward:
-    """The model's last-position logits for the next step, with or without the KV cache."""
+class Window:
+    """The tokens a forward call sees: all of them (no cache) or those after ``start``."""
 
-    def __init__(self, model, batch: int, total: int, kv_cache: bool):
-        self.model, self.kv_cache = model, kv_cache
-        self.context = None
-        if kv_cache:
-            from megatron.core.inference.contexts import StaticInferenceContext
+    def __init__(self, tokens: torch.Tensor, start: int, end: int, kv_cache: bool):
+        first = start if kv_cache else 0
+        self.tokens = tokens[:, first:end]
+        self.positions = torch.arange(first, end, device=tokens.device).expand_as(self.tokens)
 
-            self.context = StaticInferenceContext(batch, total)
 
-    def __call__(self, tokens: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Logits at position ``end - 1`` given the tokens up to ``end`` (the cache holds
-        everything before ``start``)."""
-        first = start if self.kv_cache else 0
-        window = tokens[:, first:end]
-        positions = torch.arange(first, end, device=tokens.device).expand_as(window)
-        logits = self.model(window, positions, None, inference_context=self.context,
-                            runtime_gather_output=True)
-        if self.kv_cache:
-            self.context.increment_sequence_len_offset(end - start)
-            self.context.enable_decode_mode()
-        return logits[:, -1, :].float()
+def new_cache(batch: int, total: int, kv_cache: bool):
+    """megatron's static KV cache for ``batch`` rows of ``total`` tokens (None: no cache)."""
+    if not kv_cache:
+        return None
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    return StaticInferenceContext(batch, total)
+
+
+def advance(cache, start: int, end: int) -> None:
+    """After a forward call over ``start..end``: the cache holds it, the next call decodes."""
+    if cache is not None:
+        cache.increment_sequence_len_offset(end - start)
+        cache.enable_decode_mode()
+
+
+class OneModel:
+    """A whole model in this process (TP=1, PP=1, or a TP shard whose logits are gathered):
+    what ``generate_batch`` runs. A pipeline's stages run through
+    ``gptforge.parallel.pipeline_generate.Stages``, which answers the same three calls."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def decode_layout(self):
+        return decode_layout(self.model)
+
+    def forward_fn(self, batch: int, total: int, kv_cache: bool):
+        """The last-position logits of a call over tokens ``start..end`` (cache or not)."""
+        self.model.eval()
+        cache = new_cache(batch, total, kv_cache)
+
+        def forward(tokens: torch.Tensor, start: int, end: int) -> torch.Tensor:
+            w = Window(tokens, start, end, kv_cache)
+            logits = self.model(w.tokens, w.positions, None, inference_context=cache,
+                                runtime_gather_output=True)
+            advance(cache, start, end)
+            return logits[:, -1, :].float()
+
+        return forward
 
 
 @torch.inference_mode()
-def generate_batch(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
+def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int,
                    vocab_size: int, context: int, sampling: Sampling = Sampling(),
                    seed: int = 0, eod_id: int | None = None, kv_cache: bool = True,
                    on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """The generated ids of each prompt (without the prompt; stops after ``eod_id``, which is not
-    returned). ``on_token(row, id)`` is called for each generated token as it comes."""
+    returned). ``on_token(row, id)`` is called for each generated token as it comes. ``model``:
+    an ``nn.Module`` (``OneModel``) or a runner with the same calls (a pipeline's stages); on
+    several ranks every rank calls this together and gets the same ids."""
     sampling.check()
+    runner = OneModel(model) if isinstance(model, torch.nn.Module) else model
     total = _check_prompts(prompts, max_new_tokens, context)
-    device = next(model.parameters()).device
-    model.eval()
     lengths = [len(p) for p in prompts]
-    tokens = torch.zeros(len(prompts), total, dtype=torch.int64, device=device)
+    tokens = torch.zeros(len(prompts), total, dtype=torch.int64, device=runner.device)
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
-    with decode_layout(model):
-        return _decode(tokens, lengths, _Forward(model, len(prompts), total, kv_cache),
+    with runner.decode_layout():
+        return _decode(tokens, lengths, runner.forward_fn(len(prompts), total, kv_cache),
                        max_new_tokens=max_new_tokens, vocab_size=vocab_size, sampling=sampling,
                        gen=torch.Generator(device="cpu").manual_seed(seed), eod_id=eod_id,
                        on_token=on_token)
@@ -184,7 +215,7 @@ def _decode(tokens: torch.Tensor, lengths: list[int], forward, *, max_new_tokens
     return out
 
 
-def generate(model: torch.nn.Module, prompt_ids: list[int], *, max_new_tokens: int,
+def generate(model, prompt_ids: list[int], *, max_new_tokens: int,
              vocab_size: int, seq_length: int, temperature: float = 0.8, top_k: int = 20,
              seed: int = 0, eod_id: int | None = None) -> list[int]:
     """One prompt's continuation (the post-training sample): as many of ``max_new_tokens`` as

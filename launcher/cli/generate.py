@@ -97,25 +97,24 @@ def _tokenizer(loaded, override: str | None):
 
 
 def generate_texts(loaded, tok, prompts: list[str], args) -> list[dict]:
-    from gptforge.model.decode_linears import decode_layout
+    runner = loaded.runner
+    with runner.decode_layout():  # one set of decoding copies for every batch
+        return _generate_texts(loaded, runner, tok, prompts, args)
 
-    with decode_layout(loaded.model):  # one set of decoding copies for every batch
-        return _generate_texts(loaded, tok, prompts, args)
 
-
-def _generate_texts(loaded, tok, prompts: list[str], args) -> list[dict]:
+def _generate_texts(loaded, runner, tok, prompts: list[str], args) -> list[dict]:
     from gptforge.model.generate import generate_batch
 
-    model = loaded.model
+    quiet = args.quiet or not loaded.is_output_rank  # (the other ranks compute the same)
     ids = [tok.encode(p) for p in prompts]
-    stream = len(prompts) == 1 and not args.quiet
+    stream = len(prompts) == 1 and not quiet
     results = []
     streamer = Streamer(tok) if stream else None
     for start in range(0, len(prompts), args.batch_size):
         batch = ids[start:start + args.batch_size]
         if stream:
             print(prompts[0], end="", flush=True)
-        out = generate_batch(model, batch, max_new_tokens=args.max_new_tokens,
+        out = generate_batch(runner, batch, max_new_tokens=args.max_new_tokens,
                              vocab_size=loaded.cfg.model.vocab_size,
                              context=loaded.cfg.model.seq_length, sampling=sampling_of(args),
                              seed=args.seed, eod_id=tok.eos_id(), kv_cache=not args.no_kv_cache,
@@ -124,7 +123,7 @@ def _generate_texts(loaded, tok, prompts: list[str], args) -> list[dict]:
             prompt = prompts[start + k]
             results.append({"prompt": prompt, "completion": tok.decode(generated),
                             "token_ids": generated})
-            if not stream and not args.quiet:
+            if not stream and not quiet:
                 print(f"=== prompt {start + k}\n{prompt}{results[-1]['completion']}", flush=True)
     if streamer is not None:
         streamer.finish()
@@ -132,21 +131,25 @@ def _generate_texts(loaded, tok, prompts: list[str], args) -> list[dict]:
 
 
 def _generate(args) -> int:
-    from gptforge.launcher.modelio.inference import load_any, one_process
+    from gptforge.launcher.cli.ranks import launch, loaded_model
 
     prompts = read_prompts(args)
     sampling_of(args).check()
-    with one_process():
-        loaded = load_any(args.checkpoint)
+    code = launch(args, args.checkpoint)
+    if code is not None:
+        return code
+    with loaded_model(args, args.checkpoint) as loaded:
         tok = _tokenizer(loaded, args.tokenizer)
         results = generate_texts(loaded, tok, prompts, args)
-    if args.output_json:
+        output = loaded.is_output_rank
+    if args.output_json and output:
         Path(args.output_json).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     return 0
 
 
 def register(verbs) -> None:
     from gptforge.launcher.cli.main import positive_int
+    from gptforge.launcher.cli.ranks import add_layout_args
 
     p = verbs.add_parser("generate", help="generate text from a checkpoint or a Hugging Face "
                          "folder (KV cache)", description=__doc__.split("\n\n")[0],
@@ -171,4 +174,5 @@ def register(verbs) -> None:
     p.add_argument("--output-json", metavar="F", help="write prompts, completions and ids")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute every step (slow)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_layout_args(p)
     p.set_defaults(func=_generate)

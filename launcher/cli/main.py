@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = [*argv[:verb_at + 1], *known]
     args = parser.parse_args(argv)
     args.rest = rest
+    args.verb_argv = argv[verb_at:]  # (a verb that starts ranks passes its own arguments on)
     if args.debug:
         os.environ[DEBUG_ENV] = "1"
     try:
@@ -154,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         print("gptforge: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 (every failure ends in one line, see errors.py)
-        return report(exc)
+        from gptforge.parallel.context import env_rank_info
+
+        rank, world_size, _ = env_rank_info()  # a rank of `generate --nproc-per-node`, ...
+        return report(exc, rank if "RANK" in os.environ else None, world_size)
 
 
 if __name__ == "__main__":

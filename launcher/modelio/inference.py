@@ -1,11 +1,13 @@
-"""One model in this process (TP=1, PP=1, fp32) from our checkpoint or a Hugging Face folder:
-what ``gptforge generate``, ``eval`` and ``convert`` work on.
+"""A model for inference (fp32) from our checkpoint or a Hugging Face folder: what ``gptforge
+generate``, ``eval``, ``serve`` and ``convert`` work on, in this process (TP=1, PP=1) or on the
+ranks of a launch at a TP x PP layout (``layout``).
 
 Our checkpoint may have been saved at any layout: megatron's distributed checkpoint reshards it
-into TP=1 on load (a deepspeed-engine save goes through DeepSpeed's zero_to_fp32, TP=1 saves
-only). A Hugging Face folder (GPT-2 or Llama) is converted on the fly (``model/hf_weights.py``);
-its padded vocabulary rows take no probability mass (``model/vocab_mask.py``), so losses equal
-transformers'.
+into the requested one on load, as a training resume does (a deepspeed-engine save goes through
+DeepSpeed's zero_to_fp32: TP=1 saves, into TP=1, PP=1). A Hugging Face folder (GPT-2 or Llama)
+is converted on the fly (``model/hf_weights.py``) into TP=1, PP=1; for a larger layout the
+launcher first writes it as our checkpoint (``as_checkpoint``). Its padded vocabulary rows take
+no probability mass (``model/vocab_mask.py``), so losses equal transformers'.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from gptforge.launcher.config import Config, config_from_dict, merge_dicts, vali
 from gptforge.launcher.modelio.hf_folder import HFModel, check_keys, is_hf_folder, read_hf_folder
 from gptforge.parallel.layout import Layout
 
-# What the one-process engine runs with (the rest of the config is the checkpoint's own):
-# fp32, so that tensors are the fp32 master weights.
+# What an inference engine runs with (the rest of the config is the checkpoint's own): fp32, so
+# that tensors are the fp32 master weights; TP=1, PP=1 unless ``layout`` says otherwise.
 ONE_PROCESS = {
     "parallel": {"engine": "megatron", "tensor_model_parallel_size": 1,
                  "pipeline_model_parallel_size": 1, "virtual_pipeline_model_parallel_size": None,
@@ -51,6 +53,23 @@ class Loaded:
         return unwrapped(self.engine.model_chunks[0])
 
     @property
+    def runner(self):
+        """What ``generate_batch`` runs: the model, or this rank's pipeline stages."""
+        from gptforge.model.generate import OneModel
+        from gptforge.parallel.pipeline_generate import Stages
+        from gptforge.parallel.weights import unwrapped
+
+        chunks = [unwrapped(c) for c in self.engine.model_chunks]
+        if len(chunks) == 1 and self.layout.pipeline_model_parallel_size == 1:
+            return OneModel(chunks[0])
+        return Stages(self.ctx, chunks, self.cfg.model.hidden_size, self.layout.padded_vocab_size)
+
+    @property
+    def is_output_rank(self) -> bool:
+        """The rank that prints and writes results (global rank 0)."""
+        return self.ctx.rank == 0
+
+    @property
     def tokenizer_path(self) -> str:
         return self.cfg.data.tokenizer_model
 
@@ -69,17 +88,34 @@ def one_process() -> Iterator[None]:
         os.environ.update(saved)
 
 
+def layout_delta(tensor_model_parallel_size: int = 1,
+                 pipeline_model_parallel_size: int = 1) -> dict:
+    """The config delta of an inference layout (no virtual stages, no sequence parallelism)."""
+    return {"parallel": {"tensor_model_parallel_size": tensor_model_parallel_size,
+                         "pipeline_model_parallel_size": pipeline_model_parallel_size}}
+
+
 def _build(cfg: Config):
     from gptforge.launcher.run.build import build_engine
-    from gptforge.parallel.context import init_parallel
+    from gptforge.parallel.context import init_parallel, world_size_from_env
 
-    layout = validate(cfg, 1)
+    layout = validate(cfg, world_size_from_env())
     ctx = init_parallel(cfg.parallel)
     return layout, ctx, build_engine(cfg, layout, ctx)
 
 
+def _at_one_rank(cfg: Config, what: str) -> None:
+    p = cfg.parallel
+    if p.tensor_model_parallel_size * p.pipeline_model_parallel_size > 1:
+        from gptforge.parallel.engine import CheckpointError
+
+        raise CheckpointError(f"{what} loads into TP=1, PP=1 only; write it as our checkpoint "
+                              f"first (gptforge convert), which loads at any layout")
+
+
 def load_checkpoint(path: str | Path, *, delta: dict | None = None) -> Loaded:
-    """Our checkpoint (a save directory's latest or a step directory), at TP=1."""
+    """Our checkpoint (a save directory's latest or a step directory), at the layout of
+    ``delta`` (default TP=1, PP=1)."""
     from gptforge.launcher.run.checkpoint import format as ck
     from gptforge.parallel.engine import CheckpointError
 
@@ -98,6 +134,7 @@ def load_checkpoint(path: str | Path, *, delta: dict | None = None) -> Loaded:
         if tp != 1:
             raise CheckpointError(f"{step_dir}: a deepspeed-engine save with "
                                   f"tensor_model_parallel_size={tp}; only TP=1 ones load here")
+        _at_one_rank(cfg, f"{step_dir}: a deepspeed-engine save")
         load_gpt_weights(engine.model_chunks[0], fp32_state_dict(step_dir / ck.STATE_DIR))
         engine.optimizer.reload_model_params()
     else:
@@ -118,6 +155,7 @@ def load_hf(path: str | Path, *, delta: dict | None = None) -> Loaded:
 
     hf = read_hf_folder(path)
     cfg = config_from_dict(hf_config_dict(hf, delta))
+    _at_one_rank(cfg, f"{hf.path}: a Hugging Face folder")
     layout, ctx, engine = _build(cfg)
     fresh = gpt_state_dict(engine.model_chunks[0])
     shapes = {k: torch.empty(v.shape, device="meta") for k, v in fresh.items()}  # no copies
