@@ -234,9 +234,7 @@ def validate(cfg: Config, world_size: int) -> Layout:
                            global_batch_size=t.global_batch_size)
     validate_engine(cfg.parallel, cfg.precision)
     validate_data(cfg.data)
-    validate_sample(cfg.sample, tokenizer_model=cfg.data.tokenizer_model,
-                    tensor_model_parallel_size=layout.tensor_model_parallel_size,
-                    pipeline_model_parallel_size=layout.pipeline_model_parallel_size)
+    validate_sample(cfg.sample, tokenizer_model=cfg.data.tokenizer_model)
     validate_run(cfg.run)
     return layout
 

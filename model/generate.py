@@ -21,7 +21,7 @@ from gptforge.model.decode_linears import decode_layout
 
 @dataclass
 class SampleConfig:
-    """A text sample generated after training (needs data.tokenizer_model; TP=1, PP=1)."""
+    """A text sample generated after training (needs data.tokenizer_model; any layout)."""
 
     prompt: str = ""
     """Text to continue after training; empty: no sample."""
@@ -33,11 +33,8 @@ class SampleConfig:
     """Sample among the k most likely tokens."""
 
 
-def validate_sample(cfg: SampleConfig, *, tokenizer_model: str, tensor_model_parallel_size: int,
-                    pipeline_model_parallel_size: int) -> None:
-    """The sample section: a prompt needs a tokenizer and (today) a TP=1, PP=1 layout."""
-    if cfg.prompt and (tensor_model_parallel_size > 1 or pipeline_model_parallel_size > 1):
-        raise ConfigError("sample.prompt", "generation needs tensor and pipeline parallel size 1")
+def validate_sample(cfg: SampleConfig, *, tokenizer_model: str) -> None:
+    """The sample section: a prompt needs a tokenizer to encode it."""
     if cfg.prompt and not tokenizer_model:
         raise ConfigError("sample.prompt", "needs data.tokenizer_model to encode the prompt")
     if cfg.max_new_tokens < 1:

@@ -22,6 +22,16 @@ from gptforge.model.decode_linears import decode_layout
 from gptforge.model.generate import Window, advance, new_cache
 
 
+def runner(ctx, chunks: list[torch.nn.Module], hidden_size: int, padded_vocab_size: int):
+    """What ``generate_batch`` runs on this rank: the one model (TP shards included: megatron
+    gathers their logits), or this rank's pipeline stages. ``chunks``: unwrapped GPTModels."""
+    from gptforge.model.generate import OneModel
+
+    if len(chunks) == 1 and ctx.pp_size == 1:
+        return OneModel(chunks[0])
+    return Stages(ctx, chunks, hidden_size, padded_vocab_size)
+
+
 class Stages:
     def __init__(self, ctx, chunks: list[torch.nn.Module], hidden_size: int,
                  padded_vocab_size: int):

@@ -49,6 +49,7 @@ def evaluate_model(loaded, shards: str, *, split: str, eval_iters: int | None,
     from gptforge.data.shardspec import resolve
     from gptforge.launcher.run.build import build_batches
     from gptforge.launcher.run.loop import evaluate
+    from gptforge.parallel.context import all_gather_objects
 
     src = resolve(shards, split)
     data = {"source": "webdataset", "sources": [{"path": shards}], "valid_sources": [],
@@ -60,7 +61,8 @@ def evaluate_model(loaded, shards: str, *, split: str, eval_iters: int | None,
     check_data(cfg.data, splits=(split,), seq_length=seq, vocab_size=cfg.model.vocab_size)
     iters = _iterations(src, eval_iters, micro_batch_size, seq, split)
     counted = _CountTokens(build_batches(cfg, loaded.layout, loaded.ctx, split))
-    loss = evaluate(loaded.engine, iter(counted), 1, iters)
+    loss = evaluate(loaded.engine, iter(counted), 1, iters)  # (on the last stage)
+    loss = next(x for x in all_gather_objects(loaded.ctx, loss) if x is not None)
     return {"checkpoint": str(loaded.path), "data": shards, "split": split, "loss": loss,
             "perplexity": math.exp(min(loss, 700.0)), "tokens": counted.tokens,
             "eval_iters": iters, "micro_batch_size": micro_batch_size, "seq_length": seq}
@@ -79,12 +81,17 @@ class _CountTokens:
 
 
 def _eval(args) -> int:
-    from gptforge.launcher.modelio.inference import load_any, one_process
+    from gptforge.launcher.cli.ranks import launch, loaded_model
 
-    with one_process():
-        loaded = load_any(args.checkpoint)
+    code = launch(args, args.checkpoint)
+    if code is not None:
+        return code
+    with loaded_model(args, args.checkpoint) as loaded:
         result = evaluate_model(loaded, args.data, split=args.split, eval_iters=args.eval_iters,
                                 micro_batch_size=args.micro_batch_size)
+        output = loaded.is_output_rank
+    if not output:
+        return 0
     print(f"loss {result['loss']:.6f} | perplexity {result['perplexity']:.4f} | "
           f"tokens {result['tokens']} | {result['eval_iters']} iterations of "
           f"{result['micro_batch_size']} x {result['seq_length']}")
@@ -95,6 +102,7 @@ def _eval(args) -> int:
 
 def register(verbs) -> None:
     from gptforge.launcher.cli.main import positive_int
+    from gptforge.launcher.cli.ranks import add_layout_args
 
     p = verbs.add_parser("eval", help="loss and perplexity of a checkpoint or Hugging Face "
                          "folder on token shards", description=__doc__.split("\n\n")[0])
@@ -108,4 +116,5 @@ def register(verbs) -> None:
                    help="micro-batches to evaluate (default: one pass over the split)")
     p.add_argument("--micro-batch-size", type=positive_int, default=4, metavar="B")
     p.add_argument("--output-json", metavar="F", help="write the result as JSON")
+    add_layout_args(p)
     p.set_defaults(func=_eval)

@@ -55,14 +55,11 @@ class Loaded:
     @property
     def runner(self):
         """What ``generate_batch`` runs: the model, or this rank's pipeline stages."""
-        from gptforge.model.generate import OneModel
-        from gptforge.parallel.pipeline_generate import Stages
+        from gptforge.parallel.pipeline_generate import runner
         from gptforge.parallel.weights import unwrapped
 
-        chunks = [unwrapped(c) for c in self.engine.model_chunks]
-        if len(chunks) == 1 and self.layout.pipeline_model_parallel_size == 1:
-            return OneModel(chunks[0])
-        return Stages(self.ctx, chunks, self.cfg.model.hidden_size, self.layout.padded_vocab_size)
+        return runner(self.ctx, [unwrapped(c) for c in self.engine.model_chunks],
+                      self.cfg.model.hidden_size, self.layout.padded_vocab_size)
 
     @property
     def is_output_rank(self) -> bool:

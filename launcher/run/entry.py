@@ -173,7 +173,7 @@ def _stop_check(cfg: Config, ctx, ckpt, stop, at_point: Callable[[str, int], Non
     return should_stop
 
 
-def _finish(cfg: Config, result: RunResult, ckpt, sink, ctx, engine) -> None:
+def _finish(cfg: Config, result: RunResult, ckpt, sink, ctx, engine, layout: Layout) -> None:
     """The last checkpoint (final or on a signal), the stop record, the sample."""
     from gptforge.launcher.run.sample import write_sample
 
@@ -185,8 +185,13 @@ def _finish(cfg: Config, result: RunResult, ckpt, sink, ctx, engine) -> None:
         sink.log({"event": "stopped", "step": result.last_step, "signal": result.stopped_by})
         log.info(f"stopped by {result.stopped_by} after step {result.last_step}"
                  + ("; the same command resumes" if result.checkpointed else ""))
-    elif cfg.sample.prompt:
-        write_sample(cfg.sample, engine.model_chunks[0], tokenizer_model=cfg.data.tokenizer_model,
+    elif cfg.sample.prompt:  # every rank generates (in step); the logging rank writes it
+        from gptforge.parallel.pipeline_generate import runner
+        from gptforge.parallel.weights import unwrapped
+
+        model = runner(ctx, [unwrapped(c) for c in engine.model_chunks], cfg.model.hidden_size,
+                       layout.padded_vocab_size)
+        write_sample(cfg.sample, model, tokenizer_model=cfg.data.tokenizer_model,
                      vocab_size=cfg.model.vocab_size, seq_length=cfg.model.seq_length,
                      seed=cfg.train.seed, run_dir=cfg.run.dir,
                      is_logging_rank=ctx.is_logging_rank)
@@ -251,7 +256,7 @@ def run(cfg: Config, *, at_point: Callable[[str, int], None] = no_point) -> RunR
         result = RunResult(records=loop.records if ctx.is_logging_rank else [],
                            last_step=loop.last_step,
                            stopped_by=stop.signal_name if loop.stopped_early else "")
-        _finish(cfg, result, ckpt, sink, ctx, engine)
+        _finish(cfg, result, ckpt, sink, ctx, engine, layout)
         sink.close("KILLED" if result.stopped_by else "FINISHED",
                    artifacts=mlflow_info.artifacts(cfg))
         if ctx.rank == 0 and result.stopped_by and result.checkpointed:

@@ -59,3 +59,43 @@ def test_generate_from_a_hf_folder_at_tp2(folders, tmp_path):
              "--max-new-tokens", "16", "--quiet", "--nproc-per-node", "2",
              "--parallel.tensor_model_parallel_size=2", "--output-json", str(got))
     assert json.loads(got.read_text()) == json.loads(want.read_text())
+
+
+@pytest.fixture(scope="module")
+def llama_shards(corpus, folders, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pi-shards") / "llama"
+    assert main(["data", "prepare", "--input", str(corpus), "--tokenizer", str(folders["llama"]),
+                 "--out", str(out), "--valid-fraction", "0.3", "--shard-size-mb", "0.05",
+                 "--no-progress"]) == 0
+    return out
+
+
+def test_eval_at_tp2_and_pp2_equals_tp1(converted, llama_shards, tmp_path):
+    args = ["eval", "--checkpoint", str(converted["llama"]), "--data", str(llama_shards),
+            "--eval-iters", "3", "--micro-batch-size", "2"]
+    want = tmp_path / "tp1.json"
+    assert main([*args, "--output-json", str(want)]) == 0
+    want = json.loads(want.read_text())
+    for name, layout in LAYOUTS.items():
+        out = tmp_path / f"{name}.json"
+        gptforge(*args, "--nproc-per-node", "2", *layout, "--output-json", str(out))
+        got = json.loads(out.read_text())
+        assert got["tokens"] == want["tokens"], name
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), name
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_a_sample_is_written_by_a_two_rank_training_run(folders, llama_shards, tmp_path,
+                                                        layout):
+    from gptforge.data import tokenizer
+
+    vocab = tokenizer.info(folders["llama"]).vocab_size
+    run_dir = tmp_path / "run"
+    gptforge("train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--nproc-per-node", "2",
+             *LAYOUTS[layout], f"--run.dir={run_dir}", "--train.train_iters=3",
+             "--train.eval_interval=0", "--checkpoint.enabled=false",
+             "--data.source=webdataset", f"--data.sources=[{{path: {llama_shards}}}]",
+             f"--data.tokenizer_model={folders['llama']}", f"--model.vocab_size={vocab}",
+             "--sample.prompt=def main(", "--sample.max_new_tokens=8")
+    sample = (run_dir / "sample.txt").read_text()
+    assert sample.startswith("def main(") and len(sample) > len("def main(")
