@@ -36,7 +36,9 @@ setup(
         "transformers",  # Hugging Face import/export and tokenizer folders
         "safetensors",
         "psutil",  # megatron-core's checkpoint writer processes need it (an extra upstream)
+        "fastapi",  # gptforge serve (also present through mlflow)
+        "uvicorn",
     ],
-    extras_require={"test": ["pytest>=8", "ruff"]},
+    extras_require={"test": ["pytest>=8", "ruff", "openai"]},
     entry_points={"console_scripts": ["gptforge=gptforge.launcher.cli.main:main"]},
 )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -60,6 +61,20 @@ def vocab_sha256(tok: "Tokenizer") -> str:
     table = {"pieces": [tok.id_to_piece(i) for i in range(tok.get_piece_size())],
              "special": [tok.bos_id(), tok.eos_id(), tok.pad_id(), tok.unk_id()]}
     return hashlib.sha256(json.dumps(table, ensure_ascii=False).encode()).hexdigest()
+
+
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+def settled_text(tok: "Tokenizer", ids: list[int]) -> str:
+    """The text of ``ids`` that no later token can change, for streaming: a trailing run of
+    byte-fallback pieces (``<0x..>``) is decoded together with whatever bytes follow (one
+    invalid byte spoils its whole run), and a character whose bytes have not all come yet is
+    not shown."""
+    settled = len(ids)
+    while settled and _BYTE_PIECE.match(tok.id_to_piece(ids[settled - 1]) or ""):
+        settled -= 1
+    return tok.decode(ids[:settled]).rstrip("\ufffd")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -67,13 +67,14 @@ class Streamer:
         self.tok, self.stream, self.ids, self.shown = tok, stream or sys.stdout, [], 0
 
     def __call__(self, row: int, token: int) -> None:
+        from gptforge.data.tokenizer import settled_text
+
         self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return  # a character split across byte tokens: wait for the rest
-        self.stream.write(text[self.shown:])
-        self.stream.flush()
-        self.shown = len(text)
+        text = settled_text(self.tok, self.ids)  # (what later tokens cannot change)
+        if len(text) > self.shown:
+            self.stream.write(text[self.shown:])
+            self.stream.flush()
+            self.shown = len(text)
 
     def finish(self) -> None:
         """What is still held back (bytes that never became a character), then a newline."""

@@ -21,7 +21,7 @@ VERB_MODULES = ("gptforge.launcher.cli.data", "gptforge.launcher.cli.checkpoint"
                 "gptforge.launcher.cli.plan", "gptforge.launcher.cli.launch",
                 "gptforge.launcher.cli.mlflow", "gptforge.launcher.cli.report",
                 "gptforge.launcher.cli.convert", "gptforge.launcher.cli.generate",
-                "gptforge.launcher.cli.eval")
+                "gptforge.launcher.cli.eval", "gptforge.launcher.cli.serve")
 
 
 def positive_int(text: str) -> int:
