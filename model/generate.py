@@ -93,15 +93,15 @@ def choose(logits: torch.Tensor, seen: list[torch.Tensor], sampling: Sampling,
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(-1)
 
 
-def _check_prompts(prompts: list[list[int]], max_new_tokens: int, context: int) -> int:
-    for i, prompt in enumerate(prompts):
+def _check_prompts(prompts: list[list[int]], limits: list[int], context: int) -> int:
+    for i, (prompt, limit) in enumerate(zip(prompts, limits)):
         if not prompt:
             raise GenerationError(f"prompt {i}: empty (no tokens)")
-        if len(prompt) + max_new_tokens > context:
+        if len(prompt) + limit > context:
             raise GenerationError(
-                f"prompt {i}: {len(prompt)} tokens + --max-new-tokens {max_new_tokens} exceed "
+                f"prompt {i}: {len(prompt)} tokens + --max-new-tokens {limit} exceed "
                 f"the model's context of {context} tokens (model.seq_length)")
-    return max(len(p) + max_new_tokens for p in prompts)
+    return max(len(p) + limit for p, limit in zip(prompts, limits))
 
 
 class Window:
@@ -160,34 +160,45 @@ class OneModel:
 
 
 @torch.inference_mode()
-def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int,
+def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int | list[int],
                    vocab_size: int, context: int, sampling: Sampling = Sampling(),
                    seed: int = 0, eod_id: int | None = None, kv_cache: bool = True,
-                   on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+                   on_token: Callable[[int, int], None] | None = None,
+                   on_done: Callable[[int], None] | None = None) -> list[list[int]]:
     """The generated ids of each prompt (without the prompt; stops after ``eod_id``, which is not
-    returned). ``on_token(row, id)`` is called for each generated token as it comes. ``model``:
-    an ``nn.Module`` (``OneModel``) or a runner with the same calls (a pipeline's stages); on
-    several ranks every rank calls this together and gets the same ids."""
+    returned). ``max_new_tokens``: one limit, or one per prompt (a row that is done is no longer
+    waited for). ``on_token(row, id)`` is called for each generated token as it comes,
+    ``on_done(row)`` once a row ends (EOD or its limit). ``model``: an ``nn.Module``
+    (``OneModel``) or a runner with the same calls (a pipeline's stages); on several ranks every
+    rank calls this together and gets the same ids."""
     sampling.check()
     runner = OneModel(model) if isinstance(model, torch.nn.Module) else model
-    total = _check_prompts(prompts, max_new_tokens, context)
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) \
+        else list(max_new_tokens)
+    if len(limits) != len(prompts):
+        raise GenerationError(f"{len(limits)} max_new_tokens for {len(prompts)} prompts")
+    total = _check_prompts(prompts, limits, context)
     lengths = [len(p) for p in prompts]
     tokens = torch.zeros(len(prompts), total, dtype=torch.int64, device=runner.device)
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
     with runner.decode_layout():
         return _decode(tokens, lengths, runner.forward_fn(len(prompts), total, kv_cache),
-                       max_new_tokens=max_new_tokens, vocab_size=vocab_size, sampling=sampling,
+                       limits=limits, vocab_size=vocab_size, sampling=sampling,
                        gen=torch.Generator(device="cpu").manual_seed(seed), eod_id=eod_id,
-                       on_token=on_token)
+                       on_token=on_token or (lambda row, token: None),
+                       on_done=on_done or (lambda row: None))
 
 
-def _decode(tokens: torch.Tensor, lengths: list[int], forward, *, max_new_tokens: int,
+def _decode(tokens: torch.Tensor, lengths: list[int], forward, *, limits: list[int],
             vocab_size: int, sampling: Sampling, gen: torch.Generator, eod_id: int | None,
-            on_token) -> list[list[int]]:
+            on_token, on_done) -> list[list[int]]:
     total = tokens.shape[1]
     out: list[list[int]] = [[] for _ in lengths]
-    done = [max_new_tokens == 0] * len(lengths)
+    done = [limit == 0 for limit in limits]
+    for row in range(len(lengths)):
+        if done[row]:
+            on_done(row)
     pos = min(lengths)
     logits = forward(tokens, 0, pos)
     while not all(done) and pos < total:
@@ -199,13 +210,12 @@ def _decode(tokens: torch.Tensor, lengths: list[int], forward, *, max_new_tokens
                 continue  # inside the prompt (its token stays) or finished (ignored)
             token = int(picked[row])
             tokens[row, pos] = token
-            if token == eod_id:
-                done[row] = True
-                continue
-            out[row].append(token)
-            done[row] = len(out[row]) >= max_new_tokens
-            if on_token is not None:
+            if token != eod_id:
+                out[row].append(token)
                 on_token(row, token)
+            done[row] = token == eod_id or len(out[row]) >= limits[row]
+            if done[row]:
+                on_done(row)
         pos += 1
         if not all(done) and pos < total:
             logits = forward(tokens, pos - 1, pos)

@@ -16,9 +16,11 @@ import signal
 def _serve(args) -> int:
     from gptforge.common.log import get_logger
     from gptforge.launcher.cli.generate import _tokenizer
-    from gptforge.launcher.cli.ranks import launch, loaded_model
+    from gptforge.launcher.cli.ranks import in_launched_rank, launch, loaded_model
     from gptforge.launcher.serving.worker import Worker, follow
 
+    if not in_launched_rank():
+        _check_port(args.host, args.port)  # before minutes of loading
     code = launch(args, args.checkpoint)
     if code is not None:
         return code
@@ -31,24 +33,63 @@ def _serve(args) -> int:
             return 0
         tok = _tokenizer(loaded, args.tokenizer)
         worker = Worker(loaded, max_batch_size=args.max_batch_size, eod_id=tok.eos_id())
-        worker.start()
         name = args.model_name or loaded.path.name
+        server, http = _start_http(worker, tok, name, loaded.cfg.model.seq_length, args)
+        log.info(f"serving {name!r} at http://{args.host}:{args.port}/v1 (OpenAI completions; "
+                 f"Ctrl-C ends it)")
+        _stop_on_signals(worker)
         try:
-            _run_http(worker, tok, name, loaded.cfg.model.seq_length, args, log)
+            worker.run()  # (the main thread: see Worker)
         finally:
-            worker.stop()  # the other ranks leave their loop too
+            server.should_exit = True  # (the answers in flight are sent first)
+            http.join(timeout=15)
     return 0
 
 
-def _run_http(worker, tok, name: str, context: int, args, log) -> None:
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    from gptforge.common.errors import ConfigError
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        raise ConfigError("--port", f"cannot listen on {host}:{port}: {err.strerror or err}; "
+                          f"choose another --port (or --host)") from None
+
+
+def _start_http(worker, tok, name: str, context: int, args):
+    """uvicorn on a thread of its own, once it listens: (server, thread)."""
+    import threading
+    import time
+
     import uvicorn
 
+    from gptforge.common.errors import ConfigError
     from gptforge.launcher.serving.app import build_app
 
     app = build_app(worker, tok, model_name=name, context=context)
-    log.info(f"serving {name!r} at http://{args.host}:{args.port}/v1 (OpenAI completions; "
-             f"Ctrl-C ends it)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           log_level="warning", timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, name="gptforge-http", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise ConfigError("--port", f"the HTTP server did not start on "
+                                        f"{args.host}:{args.port}")
+        time.sleep(0.05)
+    return server, thread
+
+
+def _stop_on_signals(worker) -> None:
+    """Ctrl-C or SIGTERM: stop after the batch in hand; a second Ctrl-C interrupts it."""
+    def stop(signum, frame):
+        worker.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
 
 
 def register(verbs) -> None:

@@ -20,7 +20,8 @@ def build_app(worker, tok, *, model_name: str, context: int) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name}
+        return {"status": "ok", "model": model_name, "batches": worker.batches,
+                "requests_generated": worker.rows, "requests_waiting": worker.queue.qsize()}
 
     @app.get("/v1/models")
     async def models():

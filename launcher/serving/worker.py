@@ -1,10 +1,13 @@
 """The generation side of ``gptforge serve``: rank 0 batches the queued requests and every rank
 generates each batch together (the other ranks follow rank 0's broadcasts).
 
-Requests that can share a batch do (``CompletionRequest.batch_key``, and prompt + tokens within
-the context); a batch waits at most ``WINDOW_S`` for more after its first request. Tokens reach
-each request as they come (``Pending``: decoded text, held back while it could still be a stop
-sequence or half a character), on the HTTP loop's thread. A batch that fails fails its requests
+Requests that can share a batch do (``CompletionRequest.batch_key``: greedy ones together,
+sampled ones with the same settings and seed); a batch waits at most ``WINDOW_S`` for more after
+its first request. Each row stops at its own max_tokens or EOD and is answered then (a stop
+sequence answers at once, while the batch goes on). Batching is static: requests that come while
+a batch runs wait for the next one. Tokens reach each request as they come (``Pending``:
+decoded text, held back while it could still be a stop sequence or half a character), on the
+HTTP loop's thread. A batch that fails fails its requests
 with a 500 and the worker goes on: the server never dies of a request.
 """
 
@@ -13,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import queue
-import threading
 import time
 from dataclasses import dataclass
 
@@ -23,7 +25,7 @@ from gptforge.launcher.serving.protocol import CompletionRequest
 from gptforge.model.generate import Sampling, generate_batch
 
 log = get_logger(__name__)
-WINDOW_S = 0.005
+WINDOW_S = 0.02
 
 
 @dataclass
@@ -31,7 +33,7 @@ class Job:
     """What every rank generates together (broadcast by rank 0)."""
 
     prompts: list[list[int]]
-    max_new_tokens: int
+    max_new_tokens: list[int]  # each row's own
     sampling: Sampling
     seed: int
     eod_id: int | None
@@ -47,6 +49,7 @@ class Pending:
         self.ids: list[int] = []
         self.sent = 0  # characters of the completion already sent
         self.finish_reason: str | None = None
+        self.closed = False
 
     def _put(self, event: tuple) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -69,9 +72,15 @@ class Pending:
         if len(text) > self.sent:
             self._put(("delta", text[self.sent:]))
             self.sent = len(text)
+        if self.finish_reason is not None:
+            self.finish()  # answered now, while the batch goes on
 
     def finish(self) -> None:
-        """After the batch: the rest of the text, then the end (EOD or the batch's end)."""
+        """Once the row ends (EOD, max_tokens, a stop sequence): the rest of the text, then the
+        end. Called again (the batch's end) it does nothing."""
+        if self.closed:
+            return
+        self.closed = True
         if self.finish_reason is None:
             text = self.tok.decode(self.ids)
             stops = [text.find(s) for s in self.request.stop if s in text]
@@ -82,76 +91,96 @@ class Pending:
         self._put(("done", self.finish_reason, len(self.prompt_ids), len(self.ids)))
 
     def fail(self, message: str) -> None:
-        self._put(("error", message))
+        if not self.closed:  # (one already answered keeps its answer)
+            self.closed = True
+            self._put(("error", message))
 
 
 class Worker:
-    """Rank 0's generation thread (``start``) fed by ``submit``."""
+    """Rank 0's generation loop (``run``, on the main thread: torch spreads its operations over
+    the CPU's cores only from there) fed by ``submit`` from the HTTP thread."""
 
     def __init__(self, loaded, *, max_batch_size: int, eod_id: int | None):
         self.loaded, self.max_batch_size, self.eod_id = loaded, max_batch_size, eod_id
         self.runner = loaded.runner
-        self.context = loaded.cfg.model.seq_length
-        self.queue: queue.Queue = queue.Queue()
+        self.batches = self.rows = 0  # generated so far (``/health`` shows them)
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()  # (put is safe in a signal handler)
         self.waiting: collections.deque = collections.deque()
-        self.thread = threading.Thread(target=self._run, name="gptforge-generate", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
+        self.stopping = False
 
     def submit(self, pending: Pending) -> None:
-        self.queue.put(pending)
+        if self.stopping:
+            pending.fail("the server is stopping")
+        else:
+            self.queue.put(pending)
 
     def stop(self) -> None:
+        """End ``run`` after the batch in hand (callable from a signal handler)."""
         self.queue.put(None)
-        self.thread.join()
 
-    def _next(self, block: bool, timeout: float | None = None):
-        if self.waiting:
+    def run(self) -> None:
+        with self.runner.decode_layout():
+            while (first := self._next(wait_s=None)) is not None:
+                self._generate(self._batch(first))
+        broadcast_job(self.loaded.ctx, None)  # the other ranks leave their loop
+        for pending in self._left():
+            pending.fail("the server is stopping")
+
+    def _next(self, wait_s: float | None) -> Pending | None:
+        """The next request (the skipped ones first); None: none within ``wait_s`` (None: as
+        long as it takes), or the server is stopping."""
+        if self.waiting and not self.stopping:
             return self.waiting.popleft()
-        try:
-            return self.queue.get(block=block, timeout=timeout)
-        except queue.Empty:
-            return None
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        while not self.stopping:
+            left = 0.5 if deadline is None else deadline - time.monotonic()
+            try:
+                item = self.queue.get(timeout=max(0.0, min(left, 0.5)))
+            except queue.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+                continue
+            if item is not None:
+                return item
+            self.stopping = True
+        return None
+
+    def _left(self) -> list[Pending]:
+        """The requests not generated when the server stops."""
+        left = list(self.waiting)
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            if item is not None:
+                left.append(item)
+        return left
 
     def _batch(self, first: Pending) -> list[Pending]:
         batch, skipped = [first], []
         deadline = time.monotonic() + WINDOW_S
-        while len(batch) < self.max_batch_size:
-            item = self._next(block=True, timeout=max(0.0, deadline - time.monotonic()))
+        while len(batch) < self.max_batch_size and not self.stopping:
+            item = self._next(wait_s=max(0.0, deadline - time.monotonic()))
             if item is None:
                 break
-            if self._fits(batch, item):
-                batch.append(item)
-            else:
-                skipped.append(item)
+            (batch if self._fits(batch, item) else skipped).append(item)
         self.waiting.extendleft(reversed(skipped))
         return batch
 
-    def _fits(self, batch: list[Pending], item) -> bool:
-        if item is None or item.request.batch_key() != batch[0].request.batch_key():
-            return False
-        rows = [*batch, item]
-        longest = max(len(p.prompt_ids) for p in rows)
-        return longest + max(p.request.max_tokens for p in rows) <= self.context
-
-    def _run(self) -> None:
-        with self.runner.decode_layout():
-            while True:
-                first = self._next(block=True)
-                if first is None:
-                    broadcast_job(self.loaded.ctx, None)
-                    return
-                self._generate(self._batch(first))
+    @staticmethod
+    def _fits(batch: list[Pending], item) -> bool:
+        """Each row fits the context on its own (checked on arrival): only the sampling must
+        agree."""
+        return item.request.batch_key() == batch[0].request.batch_key()
 
     def _generate(self, batch: list[Pending]) -> None:
         first = batch[0].request
-        job = Job([p.prompt_ids for p in batch], max(p.request.max_tokens for p in batch),
+        self.batches, self.rows = self.batches + 1, self.rows + len(batch)
+        job = Job([p.prompt_ids for p in batch], [p.request.max_tokens for p in batch],
                   first.sampling, first.seed, self.eod_id)
         try:
             broadcast_job(self.loaded.ctx, job)
             run_job(self.loaded, self.runner, job,
-                    on_token=lambda row, token: batch[row].token(token))
+                    on_token=lambda row, token: batch[row].token(token),
+                    on_done=lambda row: batch[row].finish())
         except Exception as err:  # noqa: BLE001 (a batch fails, never the server)
             log.warning(f"serve: a batch of {len(batch)} failed: {err}")
             for pending in batch:
@@ -161,11 +190,11 @@ class Worker:
             pending.finish()
 
 
-def run_job(loaded, runner, job: Job, on_token=None) -> list[list[int]]:
+def run_job(loaded, runner, job: Job, on_token=None, on_done=None) -> list[list[int]]:
     return generate_batch(runner, job.prompts, max_new_tokens=job.max_new_tokens,
                           vocab_size=loaded.cfg.model.vocab_size,
                           context=loaded.cfg.model.seq_length, sampling=job.sampling,
-                          seed=job.seed, eod_id=job.eod_id, on_token=on_token)
+                          seed=job.seed, eod_id=job.eod_id, on_token=on_token, on_done=on_done)
 
 
 def broadcast_job(ctx, job: Job | None) -> Job | None:

@@ -41,6 +41,26 @@ def test_greedy_equals_transformers_with_and_without_kv_cache(folders, converted
     assert [r["token_ids"] for r in ours] == want
 
 
+def test_each_row_stops_at_its_own_limit_and_is_reported_done_once(folders):
+    from gptforge.launcher.modelio.inference import load_hf, one_process
+    from gptforge.model.generate import generate_batch
+
+    tok = tokenizer.load(folders["llama"])
+    prompts = [tok.encode(p) for p in PROMPTS]
+    with one_process():
+        loaded = load_hf(folders["llama"])
+        kwargs = dict(vocab_size=loaded.cfg.model.vocab_size, context=hf_models.SEQ)
+        full = generate_batch(loaded.model, prompts, max_new_tokens=NEW, **kwargs)
+        done, seen = [], [0, 0, 0]
+        short = generate_batch(loaded.model, prompts, max_new_tokens=[3, NEW, 0],
+                               on_done=done.append,
+                               on_token=lambda row, _: seen.__setitem__(row, seen[row] + 1),
+                               **kwargs)
+    assert short == [full[0][:3], full[1], []]
+    assert sorted(done) == [0, 1, 2] and done[:2] == [2, 0]  # the limit-0 row first, then row 0
+    assert seen == [3, NEW, 0]
+
+
 def test_top_k_one_equals_greedy_and_a_seed_reproduces(folders, tmp_path):
     llama = folders["llama"]
     greedy = _generate(tmp_path, llama, "--greedy")

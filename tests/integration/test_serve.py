@@ -133,3 +133,14 @@ def test_sixteen_concurrent_requests_all_complete(client):
                for a in answers)
     greedy = {a.choices[0].text for i, a in enumerate(answers) if i % 2 and i % 3 == 1}
     assert len(greedy) == 1  # the same greedy prompt, batched with others: the same text
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(converted, capsys):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        start = time.monotonic()
+        assert main(["serve", "--checkpoint", str(converted["llama"]), "--port", str(port)]) == 2
+    assert time.monotonic() - start < 5
+    assert f"--port: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
