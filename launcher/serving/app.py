@@ -36,6 +36,9 @@ def build_app(worker, tok, *, model_name: str, context: int) -> FastAPI:
             except ValueError as err:
                 raise RequestError("body", f"the request body is not JSON ({err})") from None
             request = parse_completion(body)
+            if request.model and request.model != model_name:
+                raise RequestError("model", f"the model {request.model!r} does not exist here "
+                                            f"(GET /v1/models: {model_name!r})", status=404)
             ids = tok.encode(request.prompt)
             if len(ids) + request.max_tokens > context:
                 raise RequestError("max_tokens", f"the prompt's {len(ids)} tokens + max_tokens "
@@ -56,7 +59,8 @@ def build_app(worker, tok, *, model_name: str, context: int) -> FastAPI:
                 text.append(event[1])
             elif event[0] == "error":
                 return JSONResponse({"error": {"message": event[1], "type": "server_error",
-                                               "param": None, "code": None}}, status_code=500)
+                                               "param": None, "code": None}},
+                                    status_code=event[2])
             else:
                 _, reason, prompt_tokens, completion_tokens = event
                 return completion(cid, model_name, "".join(text), reason, prompt_tokens,

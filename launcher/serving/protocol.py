@@ -33,7 +33,7 @@ class CompletionRequest:
     prompt: str
     max_tokens: int = DEFAULT_MAX_TOKENS
     sampling: Sampling = field(default_factory=Sampling)
-    seed: int = 0
+    seed: int | None = None  # None: any (unseeded requests share a batch's random seed)
     stop: tuple[str, ...] = ()
     stream: bool = False
     model: str = ""
@@ -103,7 +103,7 @@ def parse_completion(body) -> CompletionRequest:
                         top_p=_number(body, "top_p", float, 1.0, 0.0, 1.0, low_open=True))
     return CompletionRequest(prompt=_prompt(body),
                              max_tokens=_number(body, "max_tokens", int, DEFAULT_MAX_TOKENS, 1),
-                             sampling=sampling, seed=_number(body, "seed", int, 0),
+                             sampling=sampling, seed=_number(body, "seed", int, None),
                              stop=_stop(body), stream=stream, model=str(body.get("model", "")))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import queue
+import random
 import time
 from dataclasses import dataclass
 
@@ -90,10 +91,10 @@ class Pending:
             self.finish_reason = "length" if len(self.ids) >= self.request.max_tokens else "stop"
         self._put(("done", self.finish_reason, len(self.prompt_ids), len(self.ids)))
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, status: int = 500) -> None:
         if not self.closed:  # (one already answered keeps its answer)
             self.closed = True
-            self._put(("error", message))
+            self._put(("error", message, status))
 
 
 class Worker:
@@ -110,7 +111,7 @@ class Worker:
 
     def submit(self, pending: Pending) -> None:
         if self.stopping:
-            pending.fail("the server is stopping")
+            pending.fail("the server is stopping", status=503)
         else:
             self.queue.put(pending)
 
@@ -124,7 +125,7 @@ class Worker:
                 self._generate(self._batch(first))
         broadcast_job(self.loaded.ctx, None)  # the other ranks leave their loop
         for pending in self._left():
-            pending.fail("the server is stopping")
+            pending.fail("the server is stopping", status=503)
 
     def _next(self, wait_s: float | None) -> Pending | None:
         """The next request (the skipped ones first); None: none within ``wait_s`` (None: as
@@ -175,7 +176,7 @@ class Worker:
         first = batch[0].request
         self.batches, self.rows = self.batches + 1, self.rows + len(batch)
         job = Job([p.prompt_ids for p in batch], [p.request.max_tokens for p in batch],
-                  first.sampling, first.seed, self.eod_id)
+                  first.sampling, _seed(first.seed), self.eod_id)
         try:
             broadcast_job(self.loaded.ctx, job)
             run_job(self.loaded, self.runner, job,
@@ -188,6 +189,11 @@ class Worker:
             return
         for pending in batch:
             pending.finish()
+
+
+def _seed(seed: int | None) -> int:
+    """A request's seed, or a fresh one for unseeded requests (each call differs, as OpenAI's)."""
+    return random.getrandbits(31) if seed is None else seed
 
 
 def run_job(loaded, runner, job: Job, on_token=None, on_done=None) -> list[list[int]]:

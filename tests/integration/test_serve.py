@@ -108,6 +108,14 @@ def test_a_bad_field_is_a_400_naming_it(client, fields, param):
     assert err.value.status_code == 400 and err.value.body["param"] == param
 
 
+def test_another_model_name_is_a_404_naming_it(client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="gpt-9", prompt="x", max_tokens=2)
+    assert err.value.body["param"] == "model" and "tiny-llama" in err.value.body["message"]
+
+
 def test_a_body_that_is_not_json_is_a_400(server):
     request = urllib.request.Request(f"{server}/v1/completions", data=b"{not json",
                                      headers={"content-type": "application/json"})
