@@ -60,6 +60,25 @@ def write_atomic(path: str | Path, data: str | bytes, durability: Durability) ->
     publish(tmp, path, durability)
 
 
+def current_umask() -> int:
+    """This process's umask (from /proc where it can be read, which changes nothing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(path: str | Path) -> None:
+    """Give the file ``path`` the mode a new file gets under the umask (0644 under 022): for
+    writers that create theirs 0600 (safetensors' ``save_file``, through a private temp file)."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def make_writable_dir(path: str | Path) -> Path:
     """Create ``path`` if needed and prove it writable (a probe file, written and removed);
     raises the OSError of whatever stood in the way."""

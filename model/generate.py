@@ -93,13 +93,31 @@ def choose(logits: torch.Tensor, seen: list[torch.Tensor], sampling: Sampling,
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(-1)
 
 
-def _check_prompts(prompts: list[list[int]], limits: list[int], context: int) -> int:
+SHOWN_CHARS = 60  # of a prompt's text in a message
+
+
+def prompt_label(index: int, text: str | None = None) -> str:
+    """How a message names a prompt: ``prompt 3``, with the start of its text where known
+    (``prompt 3 ('word word ...' (10000 characters))``: a long prompt does not flood a line)."""
+    if text is None:
+        return f"prompt {index}"
+    if len(text) <= SHOWN_CHARS:
+        return f"prompt {index} ({text!r})"
+    shown = repr(text[:SHOWN_CHARS])[:SHOWN_CHARS + 20]  # (escapes may lengthen it)
+    return f"prompt {index} ({shown}... ({len(text)} characters))"
+
+
+def check_prompts(prompts: list[list[int]], limits: list[int], context: int,
+                  texts: list[str] | None = None) -> int:
+    """Every prompt has tokens and fits the context with its limit of new tokens (a message
+    names the prompt, with the start of its text from ``texts``); the longest total."""
     for i, (prompt, limit) in enumerate(zip(prompts, limits)):
+        name = prompt_label(i, texts[i] if texts else None)
         if not prompt:
-            raise GenerationError(f"prompt {i}: empty (no tokens)")
+            raise GenerationError(f"{name}: empty (no tokens)")
         if len(prompt) + limit > context:
             raise GenerationError(
-                f"prompt {i}: {len(prompt)} tokens + --max-new-tokens {limit} exceed "
+                f"{name}: {len(prompt)} tokens + --max-new-tokens {limit} exceed "
                 f"the model's context of {context} tokens (model.seq_length)")
     return max(len(p) + limit for p, limit in zip(prompts, limits))
 
@@ -177,7 +195,7 @@ def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int | lis
         else list(max_new_tokens)
     if len(limits) != len(prompts):
         raise GenerationError(f"{len(limits)} max_new_tokens for {len(prompts)} prompts")
-    total = _check_prompts(prompts, limits, context)
+    total = check_prompts(prompts, limits, context)
     lengths = [len(p) for p in prompts]
     tokens = torch.zeros(len(prompts), total, dtype=torch.int64, device=runner.device)
     for row, prompt in enumerate(prompts):

@@ -69,7 +69,7 @@ def _zero_to_fp32(args) -> int:
 def _to_hf(args) -> int:
     from gptforge.launcher.modelio.hf_convert import to_hf
 
-    out = to_hf(args.checkpoint, args.out)
+    out = to_hf(args.checkpoint, args.out, tokenizer=args.tokenizer)
     print(f"[gptforge] {out}: Hugging Face folder (transformers: "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
@@ -106,6 +106,8 @@ def register(verbs) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="a save directory (its latest) or a step-N directory")
     p.add_argument("--out", required=True, metavar="HF_DIR", help="new or empty directory")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="the tokenizer to export instead of the one the checkpoint records")
     p.set_defaults(func=_to_hf)
     p = sub.add_parser(
         "from-hf", help="a Hugging Face GPT-2 / Llama folder -> our checkpoint",

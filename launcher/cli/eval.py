@@ -43,7 +43,9 @@ def _iterations(src, eval_iters: int | None, micro_batch_size: int, seq: int, sp
 
 
 def evaluate_model(loaded, shards: str, *, split: str, eval_iters: int | None,
-                   micro_batch_size: int) -> dict:
+                   micro_batch_size: int, tokenizer: str | None = None) -> dict:
+    """The loss on ``shards``; ``tokenizer`` (default: the model's) must be the one that made
+    them."""
     from gptforge.launcher.config import config_from_dict, merge_dicts, to_dict
     from gptforge.data.preflight import check_data
     from gptforge.data.shardspec import resolve
@@ -53,7 +55,8 @@ def evaluate_model(loaded, shards: str, *, split: str, eval_iters: int | None,
 
     src = resolve(shards, split)
     data = {"source": "webdataset", "sources": [{"path": shards}], "valid_sources": [],
-            "format": "sft" if src.sft else "pretrain", "num_workers": 0}
+            "format": "sft" if src.sft else "pretrain", "num_workers": 0,
+            "tokenizer_model": tokenizer or loaded.tokenizer_path}
     train = {"micro_batch_size": micro_batch_size, "global_batch_size": micro_batch_size,
              "seed": 0}
     cfg = config_from_dict(merge_dicts(to_dict(loaded.cfg), {"data": data, "train": train}))
@@ -88,7 +91,7 @@ def _eval(args) -> int:
         return code
     with loaded_model(args, args.checkpoint) as loaded:
         result = evaluate_model(loaded, args.data, split=args.split, eval_iters=args.eval_iters,
-                                micro_batch_size=args.micro_batch_size)
+                                micro_batch_size=args.micro_batch_size, tokenizer=args.tokenizer)
         output = loaded.is_output_rank
     if not output:
         return 0
@@ -115,6 +118,7 @@ def register(verbs) -> None:
     p.add_argument("--eval-iters", type=positive_int, metavar="N",
                    help="micro-batches to evaluate (default: one pass over the split)")
     p.add_argument("--micro-batch-size", type=positive_int, default=4, metavar="B")
+    p.add_argument("--tokenizer", metavar="T", help="tokenizer to use instead of the model's")
     p.add_argument("--output-json", metavar="F", help="write the result as JSON")
     add_layout_args(p)
     p.set_defaults(func=_eval)

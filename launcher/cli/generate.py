@@ -5,9 +5,11 @@ Face folder, with megatron-core's KV cache (``model/generate.py``).
         [--max-new-tokens N] [--greedy | --temperature T --top-k K --top-p P]
         [--repetition-penalty R] [--seed S] [--batch-size B] [--output-json F]
 
-Greedy unless a sampling option is given. One prompt streams its completion as it is made;
-several are generated in batches and printed in order. ``--output-json`` writes a list with one
-object per prompt: ``prompt``, ``completion`` and ``token_ids`` (the generated ids only).
+Greedy unless a sampling option is given. ``--max-new-tokens`` defaults to 64, or fewer where the
+longest prompt leaves less room in the model's context (with a notice). One prompt streams its
+completion as it is made; several are generated in batches and printed in order.
+``--output-json`` writes a list with one object per prompt: ``prompt``, ``completion`` and
+``token_ids`` (the generated ids only).
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from gptforge.common.log import get_logger
+
+log = get_logger(__name__)
+
+DEFAULT_NEW_TOKENS = 64
 
 
 def read_prompts(args) -> list[str]:
@@ -98,16 +106,43 @@ def _tokenizer(loaded, override: str | None):
 
 
 def generate_texts(loaded, tok, prompts: list[str], args) -> list[dict]:
-    runner = loaded.runner
-    with runner.decode_layout():  # one set of decoding copies for every batch
-        return _generate_texts(loaded, runner, tok, prompts, args)
-
-
-def _generate_texts(loaded, runner, tok, prompts: list[str], args) -> list[dict]:
-    from gptforge.model.generate import generate_batch
+    from gptforge.model.generate import check_prompts
 
     quiet = args.quiet or not loaded.is_output_rank  # (the other ranks compute the same)
     ids = [tok.encode(p) for p in prompts]
+    context = loaded.cfg.model.seq_length
+    limit = new_tokens(args.max_new_tokens, ids, prompts, context, quiet=quiet)
+    check_prompts(ids, [limit] * len(ids), context, prompts)  # before a prompt is echoed
+    runner = loaded.runner
+    with runner.decode_layout():  # one set of decoding copies for every batch
+        return _generate_texts(loaded, runner, tok, prompts, ids, limit, args, quiet)
+
+
+def new_tokens(asked: int | None, ids: list[list[int]], prompts: list[str], context: int, *,
+               quiet: bool = False) -> int:
+    """``--max-new-tokens`` as given (one that does not fit is refused by ``check_prompts``), or
+    by default as many of 64 as the longest prompt leaves room for, with a notice when fewer."""
+    from gptforge.model.generate import GenerationError, prompt_label
+
+    if asked is not None:
+        return asked
+    longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+    room, name = context - len(ids[longest]), prompt_label(longest, prompts[longest])
+    if room < 1:
+        raise GenerationError(f"{name}: its {len(ids[longest])} tokens leave no room for new "
+                              f"tokens in the model's context of {context} tokens "
+                              f"(model.seq_length); shorten it")
+    if room < DEFAULT_NEW_TOKENS and not quiet:
+        log.warning(f"generating at most {room} new tokens, not {DEFAULT_NEW_TOKENS}: {name} "
+                    f"has {len(ids[longest])} of the model's {context} context tokens "
+                    f"(--max-new-tokens N to choose)")
+    return min(DEFAULT_NEW_TOKENS, room)
+
+
+def _generate_texts(loaded, runner, tok, prompts: list[str], ids: list[list[int]], limit: int,
+                    args, quiet: bool) -> list[dict]:
+    from gptforge.model.generate import generate_batch
+
     stream = len(prompts) == 1 and not quiet
     results = []
     streamer = Streamer(tok) if stream else None
@@ -115,7 +150,7 @@ def _generate_texts(loaded, runner, tok, prompts: list[str], args) -> list[dict]
         batch = ids[start:start + args.batch_size]
         if stream:
             print(prompts[0], end="", flush=True)
-        out = generate_batch(runner, batch, max_new_tokens=args.max_new_tokens,
+        out = generate_batch(runner, batch, max_new_tokens=limit,
                              vocab_size=loaded.cfg.model.vocab_size,
                              context=loaded.cfg.model.seq_length, sampling=sampling_of(args),
                              seed=args.seed, eod_id=tok.eos_id(), kv_cache=not args.no_kv_cache,
@@ -161,7 +196,9 @@ def register(verbs) -> None:
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", metavar="F",
                    help="prompts, one per line (.jsonl: a \"prompt\" field per line)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N")
+    p.add_argument("--max-new-tokens", type=positive_int, metavar="N",
+                   help=f"tokens to generate per prompt (default: {DEFAULT_NEW_TOKENS}, or what "
+                        f"the model's context leaves after the longest prompt)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="the most likely token (default)")
     mode.add_argument("--temperature", type=float, metavar="T", help="sample at temperature T")

@@ -29,28 +29,34 @@ def _stages(names: list[str], quiet: bool):
     return tqdm(names, desc="convert", unit="stage", disable=quiet, leave=False)
 
 
-def _check_exportable(checkpoint: str) -> None:
-    """Refuse a shape Hugging Face cannot express, or a missing tokenizer, before loading."""
+def _check_exportable(checkpoint: str, tokenizer: str | None) -> str:
+    """Refuse a shape Hugging Face cannot express, or a missing tokenizer, before loading; the
+    tokenizer to export (``tokenizer``, else the one the checkpoint records, found)."""
     from gptforge.launcher.run.checkpoint import format as ck
     from gptforge.launcher.config import config_from_dict
+    from gptforge.launcher.modelio.recorded_tokenizer import find_tokenizer
     from gptforge.model.hf_config import architecture_of
 
-    manifest = ck.read_manifest(ck.resolve(checkpoint))
-    cfg = config_from_dict(manifest["config"])
-    architecture_of(cfg.model)
-    if not cfg.data.tokenizer_model:
+    step_dir = ck.resolve(checkpoint)
+    manifest = ck.read_manifest(step_dir)
+    architecture_of(config_from_dict(manifest["config"]).model)
+    path = tokenizer or find_tokenizer(step_dir, manifest).path
+    if not path:
         raise CheckpointError(f"{checkpoint}: its config has no data.tokenizer_model; a Hugging "
-                              f"Face folder needs the tokenizer the model was trained with")
+                              f"Face folder needs the tokenizer the model was trained with "
+                              f"(pass --tokenizer PATH)")
+    return path
 
 
-def to_hf(checkpoint: str, out: str, *, quiet: bool = False) -> Path:
-    from gptforge.launcher.modelio.hf_folder import write_hf_folder
+def to_hf(checkpoint: str, out: str, *, tokenizer: str | None = None,
+          quiet: bool = False) -> Path:
+    from gptforge.launcher.modelio.hf_folder import generation_config, write_hf_folder
     from gptforge.launcher.modelio.inference import load_checkpoint, one_process
     from gptforge.model import hf_weights
     from gptforge.model.hf_config import architecture_of, to_hf_config
     from gptforge.parallel.weights import gpt_state_dict
 
-    _check_exportable(checkpoint)
+    tokenizer = _check_exportable(checkpoint, tokenizer)
     partial = check_out(out)
     stages = iter(_stages(["load", "tokenizer", "convert", "write"], quiet))
     next(stages)
@@ -58,9 +64,9 @@ def to_hf(checkpoint: str, out: str, *, quiet: bool = False) -> Path:
         loaded = load_checkpoint(checkpoint)
         model = loaded.cfg.model
         next(stages)
-        tok = _export_tokenizer(loaded.tokenizer_path, partial, model.seq_length)
+        tok = _export_tokenizer(tokenizer, partial, model.seq_length)
         if tok.vocab_size > model.vocab_size:
-            raise CheckpointError(f"{loaded.tokenizer_path}: {tok.vocab_size} tokens, more than "
+            raise CheckpointError(f"{tokenizer}: {tok.vocab_size} tokens, more than "
                                   f"the model's vocab_size {model.vocab_size}")
         next(stages)
         arch = architecture_of(model)
@@ -71,7 +77,7 @@ def to_hf(checkpoint: str, out: str, *, quiet: bool = False) -> Path:
            "pad_token_id": _id(tok.pad_id)}
     config = to_hf_config(model, vocab_size=model.vocab_size, bos_id=ids["bos_token_id"],
                           eos_id=ids["eos_token_id"], pad_id=ids["pad_token_id"])
-    write_hf_folder(partial, config, state, generation={**ids, "max_length": model.seq_length})
+    write_hf_folder(partial, config, state, generation=generation_config(ids))
     return finish(partial, out)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from gptforge.common.durable import umask_mode
 from gptforge.model.config import ModelConfig
 from gptforge.common.errors import ConfigError
 from gptforge.model.hf_config import from_hf_config
@@ -122,13 +123,30 @@ def check_keys(hf: HFModel, expected: dict) -> None:
                                 f"config.json implies {tuple(shape)}")
 
 
+def generation_config(token_ids: dict) -> dict:
+    """generation_config.json as transformers writes it for a plain model: the special token ids
+    that are set and no generation settings (a ``max_length`` there makes every
+    ``generate(max_new_tokens=...)`` warn that both are set; config.json holds the context)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"_from_model_config": True, **{k: v for k, v in token_ids.items() if v is not None}}
+    try:
+        out["transformers_version"] = version("transformers")
+    except PackageNotFoundError:
+        pass
+    return out
+
+
 def write_hf_folder(out: Path, config: dict, state: dict, *, generation: dict) -> None:
-    """Weights, config.json and generation_config.json (tokenizer files come separately)."""
+    """Weights, config.json and generation_config.json (tokenizer files come separately), each
+    with the mode the umask gives a new file."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
+    weights = out / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights),
               metadata={"format": "pt"})
+    umask_mode(weights)  # (save_file leaves it 0600)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 

@@ -22,6 +22,7 @@ import torch
 
 from gptforge.launcher.config import Config, config_from_dict, merge_dicts, validate
 from gptforge.launcher.modelio.hf_folder import HFModel, check_keys, is_hf_folder, read_hf_folder
+from gptforge.launcher.modelio.recorded_tokenizer import RecordedTokenizer, find_tokenizer
 from gptforge.parallel.layout import Layout
 
 # What an inference engine runs with (the rest of the config is the checkpoint's own): fp32, so
@@ -45,6 +46,7 @@ class Loaded:
     ctx: object  # this process's ParallelContext
     path: Path  # the step directory or the Hugging Face folder
     hf: HFModel | None  # set for a Hugging Face folder
+    tokenizer: RecordedTokenizer | None = None  # our checkpoint's (its path may be relative)
 
     @property
     def model(self):
@@ -68,7 +70,9 @@ class Loaded:
 
     @property
     def tokenizer_path(self) -> str:
-        return self.cfg.data.tokenizer_model
+        """The model's tokenizer ("" if none is named): a path our checkpoint recorded relative
+        to where its run started is found (``recorded_tokenizer.py``) or refused, naming it."""
+        return self.tokenizer.path if self.tokenizer else self.cfg.data.tokenizer_model
 
 
 @contextmanager
@@ -121,7 +125,12 @@ def load_checkpoint(path: str | Path, *, delta: dict | None = None) -> Loaded:
     problem = ck.verify_files(step_dir, manifest, 0, 1)
     if problem:
         raise CheckpointError(problem)
-    cfg = config_from_dict(merge_dicts(merge_dicts(manifest["config"], ONE_PROCESS), delta or {}))
+    tokenizer = find_tokenizer(step_dir, manifest)
+    found = {"data": {"tokenizer_model": str(tokenizer.found)}} if tokenizer.found else {}
+    config = manifest["config"]
+    for layer in (found, ONE_PROCESS, delta or {}):
+        config = merge_dicts(config, layer)
+    cfg = config_from_dict(config)
     layout, ctx, engine = _build(cfg)
     if manifest["layout"].get("engine") == "deepspeed":
         from gptforge.parallel.deepspeed.convert import fp32_state_dict
@@ -136,7 +145,7 @@ def load_checkpoint(path: str | Path, *, delta: dict | None = None) -> Loaded:
         engine.optimizer.reload_model_params()
     else:
         engine.load(step_dir / ck.STATE_DIR, load_optim=False)
-    return Loaded(cfg, layout, engine, ctx, step_dir, None)
+    return Loaded(cfg, layout, engine, ctx, step_dir, None, tokenizer)
 
 
 def hf_config_dict(hf: HFModel, delta: dict | None = None) -> dict:

@@ -146,3 +146,73 @@ def test_the_same_vocabulary_in_another_format_is_the_same_tokenizer(folders, sp
     # another vocabulary is still refused, naming it
     assert main(["eval", "--checkpoint", str(folders["gpt2"]), "--data", str(sp_shards),
                  "--eval-iters", "2", "--micro-batch-size", "2"]) == 2
+
+
+def test_default_max_new_tokens_is_what_the_context_leaves(folders, tmp_path, capsys):
+    """The default (64) shrinks to what the longest prompt leaves of the context, with one
+    notice (the models' context is 128)."""
+    long_prompt = "word " * 25
+    room = hf_models.SEQ - len(tokenizer.load(folders["llama"]).encode(long_prompt))
+    assert 0 < room < 64
+    out = tmp_path / "out.json"
+    assert main(["generate", "--checkpoint", str(folders["llama"]), "--prompt", "x",
+                 "--prompt", long_prompt, "--output-json", str(out)]) == 0
+    assert all(len(r["token_ids"]) <= room for r in json.loads(out.read_text()))
+    notices = [line for line in capsys.readouterr().err.splitlines() if "new tokens" in line]
+    assert len(notices) == 1 and f"at most {room} new tokens, not 64: prompt 1 (" in notices[0]
+
+
+def test_a_refused_long_prompt_is_named_briefly_and_not_echoed(folders, capsys):
+    huge = "word " * 2000  # 10,000 characters
+    for extra, why in ((["--max-new-tokens", "4"], "exceed the model's context of 128"),
+                       ([], "leave no room for new tokens")):
+        assert main(["generate", "--checkpoint", str(folders["llama"]), "--prompt", huge,
+                     *extra]) == 2
+        out, err = capsys.readouterr()
+        line = next(line for line in err.splitlines() if "error" in line)
+        assert len(line) < 300 and why in line, line
+        assert "prompt 0 ('word word word" in line and "(10000 characters)" in line
+        assert out == ""  # the prompt is not streamed before the refusal
+
+
+def test_a_relative_tokenizer_path_is_looked_for_where_the_run_was(tmp_path, monkeypatch):
+    """The current directory first, then the run dir, then the directory the run started in."""
+    from gptforge.launcher.modelio.recorded_tokenizer import find_tokenizer
+
+    step = tmp_path / "project" / "runs" / "x" / "checkpoints" / "step-0000003"
+    step.mkdir(parents=True)
+    manifest = {"config": {"data": {"tokenizer_model": "tok.model"}, "run": {"dir": "runs/x"}}}
+    monkeypatch.chdir(tmp_path)
+    places = [tmp_path / "project" / "tok.model", tmp_path / "project" / "runs" / "x" /
+              "tok.model", tmp_path / "tok.model"]
+    for place in places:  # each one found ahead of those before it
+        place.write_text("")
+        assert find_tokenizer(step, manifest).path == str(place)
+    assert find_tokenizer(step, {"config": {"data": {"tokenizer_model": ""}}}).path == ""
+
+
+def test_a_relative_recorded_tokenizer_is_found_from_another_directory(relative_tokenizer_run,
+                                                                       tmp_path, monkeypatch,
+                                                                       capsys):
+    """A tiny model (context 64) of a run that recorded ``sp.model`` relative to where it was
+    started: generate from elsewhere finds it, and the default --max-new-tokens fits."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "gen.json"
+    assert main(["generate", "--checkpoint", str(relative_tokenizer_run / "runs/x/checkpoints"),
+                 "--prompt", "def f(", "--output-json", str(out)]) == 0
+    room = 64 - len(tokenizer.load(relative_tokenizer_run / "sp.model").encode("def f("))
+    assert len(json.loads(out.read_text())[0]["token_ids"]) <= room
+    assert f"generating at most {room} new tokens, not 64" in capsys.readouterr().err
+
+
+def test_a_recorded_tokenizer_found_nowhere_is_named_and_tokenizer_overrides(
+        relative_tokenizer_run, tokenizer_gone, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", "--checkpoint", str(tokenizer_gone), "--prompt", "def f(",
+            "--max-new-tokens", "4", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{tokenizer_gone}: its tokenizer (data.tokenizer_model) 'gone.model' does not " \
+           f"exist" in err
+    assert str(tmp_path / "gone.model") in err and "pass --tokenizer PATH" in err
+    assert main([*args, "--tokenizer", str(relative_tokenizer_run / "sp.model")]) == 0

@@ -212,3 +212,50 @@ def test_export_refuses_a_shape_without_hf_equivalent(tmp_path, capsys):
     assert main(["convert", "to-hf", "--checkpoint", str(run / "checkpoints"),
                  "--out", str(tmp_path / "hf")]) == 2
     assert "model.normalization" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_export_has_umask_permissions_and_generates_without_warnings(converted, tmp_path, name):
+    """Every exported file is 0644 under umask 022 (safetensors writes 0600), and transformers
+    generates from the folder without a word about its generation_config.json."""
+    import logging
+    import stat
+    import warnings
+
+    old = os.umask(0o022)
+    try:
+        assert main(["convert", "to-hf", "--checkpoint", str(converted[name]),
+                     "--out", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    modes = {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in (tmp_path / "hf").iterdir()}
+    assert modes["model.safetensors"] == "0o644" and set(modes.values()) == {"0o644"}, modes
+    assert "max_length" not in json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    model = hf_models.hf_model(tmp_path / "hf")
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4)
+            model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert [str(w.message) for w in caught] == [] and said == []
+    assert model.generation_config.eos_token_id == model.config.eos_token_id
+
+
+def test_to_hf_finds_a_relative_recorded_tokenizer_or_takes_tokenizer(
+        relative_tokenizer_run, tokenizer_gone, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "to-hf", "--checkpoint",
+                 str(relative_tokenizer_run / "runs/x/checkpoints"), "--out", "hf"]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    args = ["convert", "to-hf", "--checkpoint", str(tokenizer_gone), "--out", "hf2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "'gone.model' does not exist" in err and "pass --tokenizer PATH" in err
+    assert main([*args, "--tokenizer", str(relative_tokenizer_run / "sp.model")]) == 0
+    assert (tmp_path / "hf2" / "tokenizer.json").is_file()
