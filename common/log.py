@@ -30,6 +30,19 @@ PLAIN_ANY_RANK = {**PLAIN, **ANY_RANK}
 DEBUG_ENV = "GPTFORGE_DEBUG"  # --debug: tracebacks, and the libraries' own chatter
 
 
+# megatron-core warns at import, on every rank, of the optional fused kernels (Apex, Transformer
+# Engine) it falls back from: "Transformer Engine and Apex are not installed", "Apex is not
+# installed". Only these are silenced (``quiet_fallback_warnings``).
+FALLBACK_WARNINGS = r".*(Apex|Transformer Engine).*not installed.*"
+
+
+def quiet_fallback_warnings() -> None:
+    """Before megatron is imported: drop its fallback-kernel warnings (the CLI, each rank)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=FALLBACK_WARNINGS, category=UserWarning)
+
+
 def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 from gptforge.common.errors import ConfigError
@@ -47,3 +48,12 @@ def validate_data(cfg: DataConfig) -> None:
         raise ConfigError("data.sources", "data.source=webdataset needs at least one source")
     if cfg.num_workers < 0:
         raise ConfigError("data.num_workers", f"must be >= 0, got {cfg.num_workers}")
+
+
+def with_tokenizer_resolved(cfg: DataConfig) -> DataConfig:
+    """This section with ``tokenizer_model`` made absolute where it names an existing path, so
+    the run's config.yaml and checkpoints name the file from any directory."""
+    path = Path(cfg.tokenizer_model)
+    if not cfg.tokenizer_model or path.is_absolute() or not path.exists():
+        return cfg
+    return replace(cfg, tokenizer_model=str(path.resolve()))

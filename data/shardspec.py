@@ -30,6 +30,11 @@ class SourceError(DataError):
     """A source that cannot be used; the message starts with the path, shard or index file."""
 
 
+class NoValidShards(SourceError):
+    """A shard directory whose index.json lists no 'valid' shards (prepared without
+    ``--valid-fraction``): what validation would read."""
+
+
 @dataclass(frozen=True)
 class ResolvedSource:
     spec: str
@@ -77,7 +82,8 @@ def _from_directory(directory: Path, split: str) -> ResolvedSource:
     index = _read_index(index_path)
     shards = index["splits"].get(split, {}).get("shards", [])
     if not shards:
-        raise SourceError(f"{index_path}: lists no {split!r} shards")
+        raise (NoValidShards if split == "valid" else SourceError)(
+            f"{index_path}: lists no {split!r} shards")
     return _source(str(directory), [str(directory / s["file"]) for s in shards], shards,
                    index_path, index)
 

@@ -56,18 +56,41 @@ def unique_docs(num_shards: int, docs_per_shard: int, doc_length: int,
 
 
 STDLIB_SAMPLE = ("json/*.py", "email/*.py", "textwrap.py", "string.py", "this.py")
+# ``gptforge data sample-corpus --size``: the stdlib sources each size copies (medium: the
+# demo's corpus, scripts/demo.sh)
+SAMPLE_SIZES = {
+    "small": STDLIB_SAMPLE,
+    "medium": ("json/*.py", "email/*.py", "logging/*.py", "asyncio/*.py", "http/*.py",
+               "unittest/*.py", "textwrap.py", "argparse.py"),
+}
+
+
+def text_corpus_files(out: str | Path, patterns: tuple[str, ...] = STDLIB_SAMPLE) -> list[Path]:
+    """Write the corpus of ``write_text_corpus``; returns the files written (only those: other
+    files in ``out`` are left alone). A DataError when no stdlib source matches."""
+    import glob
+    import sysconfig
+
+    from gptforge.data.errors import DataError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory")
+    stdlib = sysconfig.get_paths()["stdlib"]
+    sources = [src for pattern in patterns for src in sorted(glob.glob(f"{stdlib}/{pattern}"))]
+    if not sources:
+        raise DataError(f"{stdlib}: no Python sources match {', '.join(patterns)} (a Python "
+                        f"installed without its .py files?)")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for src in sources:
+        name = Path(src).relative_to(stdlib).as_posix().replace("/", "_")
+        (out / f"{name}.txt").write_text(Path(src).read_text(encoding="utf-8"))
+        written.append(out / f"{name}.txt")
+    return written
 
 
 def write_text_corpus(out: str | Path, patterns: tuple[str, ...] = STDLIB_SAMPLE) -> Path:
     """A small on-machine text corpus: Python stdlib sources copied as ``.txt`` files."""
-    import glob
-    import sysconfig
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stdlib = sysconfig.get_paths()["stdlib"]
-    for pattern in patterns:
-        for src in sorted(glob.glob(f"{stdlib}/{pattern}")):
-            name = Path(src).relative_to(stdlib).as_posix().replace("/", "_")
-            (out / f"{name}.txt").write_text(Path(src).read_text(encoding="utf-8"))
-    return out
+    text_corpus_files(out, patterns)
+    return Path(out)

@@ -10,6 +10,7 @@ import datetime
 import os
 import re
 import socket
+import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +234,8 @@ def max_over_ranks(ctx: ParallelContext, value: int) -> int:
 
 def destroy_model_parallel() -> None:
     """Drop megatron's groups; the default process group stays for the next layout."""
+    if "megatron.core.parallel_state" not in sys.modules:  # none made (an early error): no
+        return  # import of megatron (seconds) on the way out
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():

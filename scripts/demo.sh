@@ -7,12 +7,7 @@ cd "$(dirname "$0")/.."
 DEMO=${DEMO_DIR:-runs/demo}
 rm -rf "$DEMO"
 mkdir -p "$DEMO"
-python - "$DEMO/corpus" <<'PY'
-import sys
-from gptforge.data.synthetic import write_text_corpus
-print("corpus:", write_text_corpus(sys.argv[1], ("json/*.py", "email/*.py", "logging/*.py",
-      "asyncio/*.py", "http/*.py", "unittest/*.py", "textwrap.py", "argparse.py")))
-PY
+gptforge data sample-corpus "$DEMO/corpus" --size medium
 gptforge tokenizer train --input "$DEMO/corpus" --vocab-size 2000 --model-prefix "$DEMO/tokenizer" \
     --input-sentence-size 50000
 gptforge data prepare --input "$DEMO/corpus" --tokenizer "$DEMO/tokenizer.model" --out "$DEMO/shards" \

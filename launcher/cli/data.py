@@ -1,4 +1,5 @@
-"""The data verbs of ``gptforge``: ``tokenizer train|encode|decode`` and ``data prepare``.
+"""The data verbs of ``gptforge``: ``tokenizer train|encode|decode``, ``data prepare`` and
+``data sample-corpus`` (a small text corpus from this machine's Python sources, to try things on).
 
 ``register(subparsers)`` adds them to the launcher's argparse subparsers; every leaf parser
 sets ``func(args) -> exit code``. A user mistake raises ``DataError`` (one line naming the file
@@ -15,6 +16,8 @@ import shlex
 import sys
 
 from gptforge.data.text_inputs import TXT_UNITS
+
+SAMPLE_SIZE_NAMES = ("small", "medium")  # gptforge.data.synthetic.SAMPLE_SIZES
 
 TOKENIZER_HELP = "sentencepiece .model file, or Hugging Face tokenizer folder or tokenizer.json"
 
@@ -69,6 +72,18 @@ def _data_prepare(args) -> int:
     for split, info in index["splits"].items():
         print(f"{split}: {len(info['shards'])} shards, {info['docs']} documents, "
               f"{info['tokens']} tokens")
+    if not index["splits"]["valid"]["docs"] and not args.valid_fraction:
+        print("note: no valid split (--valid-fraction 0): a training that validates "
+              "(train.eval_interval > 0) needs one; rerun with --valid-fraction 0.05, or train "
+              "with --train.eval_interval=0")
+    return 0
+
+
+def _data_sample_corpus(args) -> int:
+    from gptforge.data.synthetic import SAMPLE_SIZES, text_corpus_files
+    files = text_corpus_files(args.out_dir, SAMPLE_SIZES[args.size])
+    size = sum(f.stat().st_size for f in files)
+    print(f"{len(files)} files, {size} bytes: {args.out_dir}")
     return 0
 
 
@@ -99,7 +114,8 @@ def _register_tokenizer(subparsers) -> None:
 
 
 def _register_data(subparsers) -> None:
-    parser = subparsers.add_parser("data", help="prepare tokenized WebDataset shards")
+    parser = subparsers.add_parser("data", help="prepare tokenized WebDataset shards; write a "
+                                   "sample text corpus")
     verbs = parser.add_subparsers(dest="data_verb", required=True)
     prep = verbs.add_parser("prepare", help="text -> <out>/<split>-%%06d.tar + index.json")
     _add_text_input_args(prep)
@@ -114,6 +130,18 @@ def _register_data(subparsers) -> None:
     prep.add_argument("--no-progress", action="store_true")
     prep.add_argument("--command", default=None, help=argparse.SUPPRESS)
     prep.set_defaults(func=_data_prepare)
+    sample = verbs.add_parser(
+        "sample-corpus", help="write a small text corpus (this machine's Python stdlib sources "
+        "as .txt files) to try the tokenizer and data verbs on",
+        description="Copy Python standard-library sources into OUT_DIR as .txt files: a corpus "
+                    "present on every machine. Only those files are written (an existing "
+                    "OUT_DIR keeps its other files).")
+    sample.add_argument("out_dir", metavar="OUT_DIR", help="directory to write the .txt files in")
+    sample.add_argument("--size", choices=tuple(SAMPLE_SIZE_NAMES), default="small",
+                        help="small (default): json, email, textwrap, string, this (about "
+                             "0.4 MB); medium: also logging, asyncio, http, unittest, argparse "
+                             "(about 1.7 MB, the demo's)")
+    sample.set_defaults(func=_data_sample_corpus)
 
 
 def register(subparsers) -> None:

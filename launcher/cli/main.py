@@ -10,10 +10,10 @@ import argparse
 import importlib
 import os
 import sys
-import warnings
 
-# megatron-core warns at import about optional fused kernels (Apex/TE) it falls back from.
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
+from gptforge.common.log import quiet_fallback_warnings
+
+quiet_fallback_warnings()  # megatron-core's Apex/TE fallback notes, before it is imported
 
 CONFIG_USAGE = "[--config FILE ...] [--section.key=value ...]"
 # Modules that add verbs: each has register(subparsers).
@@ -42,16 +42,14 @@ def _nproc(args: argparse.Namespace) -> int | None:
 
 def _train(args: argparse.Namespace) -> int:
     from gptforge.launcher.run import entry as train
-    from gptforge.launcher.config import load_config
-    from gptforge.launcher.overrides import parse_train_args
 
-    files, overrides = parse_train_args(args.rest, prog="gptforge train")
-    cfg = load_config(files, overrides)
+    cfg = train.load_args(args.rest, prog="gptforge train")
     nproc = _nproc(args)
     if nproc is None:  # this process is the one rank (or one rank of a torchrun/srun launch)
-        from gptforge.parallel.context import destroy_parallel, world_size_from_env
+        from gptforge.parallel.context import destroy_parallel, env_rank_info
 
-        train.preflight(cfg, world_size_from_env(), is_run_dir_owner=True)
+        rank, world_size, _ = env_rank_info()  # rank 0 takes the run dir (others: no probe)
+        train.preflight(cfg, world_size, is_run_dir_owner=rank == 0)
         try:
             return train.exit_code(train.run(cfg))
         finally:
@@ -157,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 (every failure ends in one line, see errors.py)
         from gptforge.parallel.context import env_rank_info
 
-        rank, world_size, _ = env_rank_info()  # a rank of `generate --nproc-per-node`, ...
-        return report(exc, rank if "RANK" in os.environ else None, world_size)
+        rank, world_size, local_rank = env_rank_info()  # a rank of `generate --nproc-per-node`
+        return report(exc, rank if "RANK" in os.environ else None, world_size, local_rank)
 
 
 if __name__ == "__main__":

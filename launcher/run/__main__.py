@@ -2,7 +2,8 @@
 
 What torchrun, srun, the deepspeed launcher and ``gptforge train --nproc-per-node`` start on each
 rank. A stop signal that arrives while the rank still imports torch and megatron is kept, not
-fatal: it is recorded before anything else is imported.
+fatal: it is recorded before anything else is imported. megatron-core's notes that Apex and
+Transformer Engine are not installed (one set per rank) are silenced before it is imported.
 """
 
 import sys
@@ -10,6 +11,10 @@ import sys
 from gptforge.launcher.signals import record_early
 
 record_early()
+
+from gptforge.common.log import quiet_fallback_warnings  # noqa: E402
+
+quiet_fallback_warnings()
 
 from gptforge.launcher.run.entry import main  # noqa: E402 (after record_early, on purpose)
 

@@ -12,12 +12,23 @@ from gptforge.parallel.layout import Layout
 
 
 def check_data(cfg: Config) -> list[str]:
-    """The data and tokenizer checks (cheap: index files and sizes); returns notes."""
+    """The data and tokenizer checks (cheap: index files and sizes); returns notes. Shards
+    without the valid split that ``train.eval_interval`` evaluates on are refused, with the
+    ways to make one or to go without."""
     from gptforge.data.preflight import check_data as check
+    from gptforge.data.shardspec import NoValidShards
 
     splits = ("train", "valid") if cfg.train.eval_interval else ("train",)
-    return check(cfg.data, splits=splits, seq_length=cfg.model.seq_length,
-                 vocab_size=cfg.model.vocab_size)
+    try:
+        return check(cfg.data, splits=splits, seq_length=cfg.model.seq_length,
+                     vocab_size=cfg.model.vocab_size)
+    except NoValidShards as err:
+        sft = " --format sft" if cfg.data.format == "sft" else ""
+        raise NoValidShards(
+            f"{err}, which train.eval_interval={cfg.train.eval_interval} evaluates on: make "
+            f"them with `gptforge data prepare{sft} ... --valid-fraction 0.05` (a share of the "
+            f"documents), name shards of their own in data.valid_sources, or train without "
+            f"validation: --train.eval_interval=0") from None
 
 
 def build_batches(cfg: Config, layout: Layout, ctx, split: str):

@@ -10,14 +10,17 @@ first, by ``preflight``, which the local launcher also runs before any rank star
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from gptforge.common.log import get_logger, set_rank
 from gptforge.launcher.config import (Config, dump_config, layout_notes, load_config, to_dict,
                                       validate)
-from gptforge.launcher.errors import EXIT_CHECKPOINTED, EXIT_OK, report
+from gptforge.data.config import with_tokenizer_resolved
+from gptforge.launcher.errors import (EACH_NODE, EVERY_RANK, EXIT_CHECKPOINTED, EXIT_OK,
+                                      alike_on, report)
 from gptforge.launcher.overrides import parse_train_args
 from gptforge.launcher.run.build import build_batches, build_engine, build_throughput, check_data
 from gptforge.launcher.run.checkpoint.checkpointer import no_point
@@ -46,9 +49,14 @@ class Start:
     checkpoint: Path | None = None
     resuming: bool = False  # this run continues itself (same run dir, restart record)
 
+    def load_optim(self, cfg: Config) -> bool:
+        """Whether the start restores the optimizer (a restart always does)."""
+        return cfg.checkpoint.load_optim or self.resuming
+
 
 def find_start(cfg: Config) -> Start:
-    """The checkpoint to start from; a checkpoint of another model shape is refused here."""
+    """The checkpoint to start from; a checkpoint of another model shape, or of the other
+    engine, is refused here (before any model: the front door, and each rank)."""
     from gptforge.launcher.run.checkpoint import format as ck
     from gptforge.launcher.run.checkpoint import ownership
 
@@ -62,7 +70,48 @@ def find_start(cfg: Config) -> Start:
     if start.checkpoint is not None:
         manifest = ck.read_manifest(start.checkpoint)
         ck.check_compatible(manifest, to_dict(cfg.model), start.checkpoint)
+        ck.check_engine(manifest, cfg.parallel.engine, start.checkpoint,
+                        load_optim=start.load_optim(cfg), own=start.resuming)
     return start
+
+
+def load_args(argv: list[str], prog: str) -> Config:
+    """The config of ``[--config FILE ...] [--section.key=value ...]``. Every rank reads the
+    same arguments and files: an error is one every rank finds alike (each node's ranks, when
+    a file is missing on one: it may be there on another), and a usage error is printed by
+    rank 0 alone."""
+    import contextlib
+    import io
+    import time
+
+    from gptforge.common.log import debug_enabled
+    from gptforge.launcher.errors import QUIET_RANK_LINGER_S
+    from gptforge.parallel.context import env_rank_info
+
+    rank, world_size, _ = env_rank_info()
+    quiet = rank != 0 and world_size > 1 and not debug_enabled()
+    try:
+        with alike_on(EVERY_RANK), (contextlib.redirect_stderr(io.StringIO()) if quiet
+                                    else nullcontext()):  # argparse's usage and message
+            files, overrides = parse_train_args(argv, prog=prog)
+    except SystemExit:
+        if quiet:  # rank 0 says it (see launcher/errors.py: report)
+            time.sleep(QUIET_RANK_LINGER_S)
+        raise
+    with alike_on(EVERY_RANK if all(Path(f).is_file() for f in files) else EACH_NODE):
+        return load_config(files, overrides)
+
+
+def _validate(cfg: Config, world_size: int) -> Layout:
+    with alike_on(EVERY_RANK):  # the config: the same on every rank
+        return validate(cfg, world_size)
+
+
+def _find_start(cfg: Config, is_rank0: bool) -> Start:
+    """``find_start``; an error is one the ranks of a node find alike (the checkpoints they
+    see), unless rank 0 may be replacing them meanwhile (run.overwrite)."""
+    with alike_on(EACH_NODE) if is_rank0 or not cfg.run.overwrite else nullcontext():
+        return find_start(cfg)
 
 
 def preflight(cfg: Config, world_size: int, *, is_run_dir_owner: bool) -> Layout:
@@ -73,8 +122,8 @@ def preflight(cfg: Config, world_size: int, *, is_run_dir_owner: bool) -> Layout
     from gptforge.launcher.run.checkpoint.ownership import probe_lock
     from gptforge.launcher.run.places import check_places
 
-    layout = validate(cfg, world_size)
-    start = find_start(cfg)
+    layout = _validate(cfg, world_size)
+    start = _find_start(cfg, is_run_dir_owner)
     if is_run_dir_owner:
         own = save_dir(cfg.checkpoint, cfg.run.dir) if cfg.checkpoint.enabled else None
         probe_lock(check_run_dir(cfg.run.dir), "run.dir")
@@ -83,7 +132,8 @@ def preflight(cfg: Config, world_size: int, *, is_run_dir_owner: bool) -> Layout
         refuse_previous_run(Path(cfg.run.dir), overwrite=cfg.run.overwrite,
                             resuming=start.resuming, checkpoint_dir=own)
         check_places(cfg, layout.padded_vocab_size)
-    check_data(cfg)
+    with alike_on(EACH_NODE):
+        check_data(cfg)
     return layout
 
 
@@ -136,7 +186,7 @@ def _resume(cfg: Config, start: Start, ckpt, sink) -> int:
     """Load ``start.checkpoint`` (if any), mark it in metrics.jsonl; the step to continue after."""
     if start.checkpoint is None:
         return 0
-    load_optim = cfg.checkpoint.load_optim or start.resuming
+    load_optim = start.load_optim(cfg)
     step = ckpt.load(start.checkpoint, load_optim=load_optim)
     event = "restart" if start.resuming else "loaded"
     changes = ckpt.config_changes(start.checkpoint)
@@ -226,13 +276,16 @@ def run(cfg: Config, *, at_point: Callable[[str, int], None] = no_point) -> RunR
 
     rank, world_size, _ = env_rank_info()
     set_rank(rank, world_size)
-    check_launch_env(rank, world_size)
-    layout = validate(cfg, world_size)
-    start = find_start(cfg)
+    with alike_on(EACH_NODE):
+        check_launch_env(rank, world_size)
+    layout = _validate(cfg, world_size)
+    cfg = replace(cfg, data=with_tokenizer_resolved(cfg.data))
+    start = _find_start(cfg, rank == 0)
     locks = _start_run_dir(cfg, start, layout) if rank == 0 else []
     stop = sink = None
     try:
-        notes = check_data(cfg)
+        with alike_on(EACH_NODE):
+            notes = check_data(cfg)
         stop = stop_request().install()
         ctx = init_parallel(cfg.parallel)
         for note in [*layout_notes(cfg, layout), *notes]:
@@ -292,14 +345,13 @@ def main(argv: list[str] | None = None, *,
     """One rank: parse the config arguments, train, report a failure in one line."""
     from gptforge.parallel.context import destroy_parallel, env_rank_info
 
-    rank, world_size, _ = env_rank_info()
+    rank, world_size, local_rank = env_rank_info()
     try:
-        files, overrides = parse_train_args(sys.argv[1:] if argv is None else argv,
-                                            prog="gptforge.launcher.run")
-        return exit_code(run(load_config(files, overrides), at_point=at_point))
+        cfg = load_args(sys.argv[1:] if argv is None else argv, prog="gptforge.launcher.run")
+        return exit_code(run(cfg, at_point=at_point))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 (every failure ends in one line, see errors.py)
-        return report(exc, rank, world_size)
+        return report(exc, rank, world_size, local_rank)
     finally:
         destroy_parallel()

@@ -205,6 +205,34 @@ def test_a_checkpoint_of_another_shape_is_refused_naming_the_key(shards, saved, 
 
 
 @pytest.mark.slow
+def test_a_run_dir_of_the_other_engine_is_refused_before_any_model(tmp_path):
+    """A run dir whose checkpoints the megatron engine wrote, restarted with the deepspeed
+    engine: refused at once (the front door, and the rank entry of torchrun/srun) in one line
+    naming both engines, the checkpoint and the ways out; no model is built. The first run, a
+    bare rank entry without PYTHONWARNINGS, prints none of megatron's Apex/TE fallback notes."""
+    run_dir = tmp_path / "run"
+    args = ["--config", str(TINY), "--run.dir", str(run_dir), "--train.train_iters=1",
+            "--optim.lr_warmup_iters=0", "--train.eval_interval=0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "GPTFORGE_DEBUG")}
+    rank = [sys.executable, "-m", "gptforge.launcher.run"]
+    first = subprocess.run([*rank, *args], capture_output=True, text=True, cwd=ROOT,
+                           timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Apex" not in first.stderr and "Transformer Engine" not in first.stderr, first.stderr
+    step = run_dir / "checkpoints" / ck.step_name(1)
+    for launch in ([GPTFORGE, "train"], rank):
+        started = time.monotonic()
+        proc = subprocess.run([*launch, *args, "--parallel.engine=deepspeed"], capture_output=True,
+                              text=True, cwd=ROOT, timeout=300, env=env)
+        took = time.monotonic() - started
+        _assert_refused(proc, step, "saved by the megatron engine", "parallel.engine=deepspeed",
+                        "--parallel.engine=megatron", "--run.dir", "--run.overwrite=true")
+        assert len([line for line in proc.stderr.splitlines() if "error:" in line]) == 1
+        assert "building the model" not in proc.stdout and took < 10, (took, proc.stdout)
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == [1]  # nothing was appended
+
+
+@pytest.mark.slow
 def test_a_missing_shard_is_named(shards, saved, tmp_path):
     ckpt = _copy(saved, tmp_path)
     shard = next((ckpt / "state").glob("*.distcp"))

@@ -52,3 +52,31 @@ def test_cli_pipeline_with_sigkill_resume_feeds_the_loader(tmp_path):
         assert batch["tokens"].shape == (4, 64) and int(batch["tokens"].max()) < 2000
         assert torch.equal(batch["tokens"][:, 1:], batch["labels"][:, :-1])
         it.close()
+
+
+def test_sample_corpus_writes_a_corpus_the_tokenizer_trains_on(tmp_path, capsys):
+    """README: `gptforge data sample-corpus corpus/` then `gptforge tokenizer train --input
+    corpus/`. An existing directory keeps its other files; a file is refused in one line."""
+    from gptforge.data.synthetic import SAMPLE_SIZES
+    from gptforge.launcher.cli.data import SAMPLE_SIZE_NAMES
+    from gptforge.launcher.cli.main import main
+
+    assert tuple(SAMPLE_SIZES) == SAMPLE_SIZE_NAMES
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "mine.md").write_text("kept")
+    assert main(["data", "sample-corpus", str(corpus)]) == 0
+    files = sorted(corpus.glob("*.txt"))
+    size = sum(f.stat().st_size for f in files)
+    assert capsys.readouterr().out == f"{len(files)} files, {size} bytes: {corpus}\n"
+    assert len(files) > 10 and size > 100_000 and (corpus / "mine.md").read_text() == "kept"
+    assert main(["data", "sample-corpus", str(corpus)]) == 0  # again: the same files
+    assert sorted(corpus.glob("*.txt")) == files
+    capsys.readouterr()
+    assert main(["tokenizer", "train", "--input", f"{corpus}/", "--vocab-size", "500",
+                 "--model-prefix", str(tmp_path / "tok")]) == 0
+    assert (tmp_path / "tok.model").is_file()
+    capsys.readouterr()
+    assert main(["data", "sample-corpus", str(corpus / "mine.md")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gptforge: error: ") and "mine.md" in err and "\n" not in err

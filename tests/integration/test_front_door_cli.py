@@ -311,3 +311,29 @@ def test_a_rank_killed_with_sigkill_stops_the_run_naming_it(tmp_path):
     assert lines == [lines[0]] and "rank 1 was killed by SIGKILL" in lines[0], err[-2000:]
     assert "Traceback" not in out + err
     assert not any(_alive(r) for r in ranks)
+
+
+# ------------------------------------------------------------------ plain torchrun
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad, culprit", [
+    (["--model.bogus_key=1"], "bogus_key"),  # the config: every rank alike, rank 0 says it
+    (["--data.source=webdataset", "--data.sources=[{path: /nonexistent/shards}]"],
+     "/nonexistent/shards"),  # a node's files: its first rank says it
+])
+def test_a_user_error_under_plain_torchrun_is_printed_once(tmp_path, bad, culprit):
+    """Under `torchrun -m gptforge.launcher.run`, an error found before the process group is
+    printed once, not once per rank, and megatron's Apex/TE fallback warnings are silenced.
+    (torchrun itself exits 1 whatever the ranks' code: not ours to change.)"""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "GPTFORGE_DEBUG")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", "0", "-m", "gptforge.launcher.run", "--config", str(TINY),
+         "--run.dir", str(tmp_path / "run"), *bad],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("gptforge: error:")]
+    assert len(lines) == 1 and culprit in lines[0], proc.stderr[-3000:]
+    assert "Apex" not in proc.stderr and "Transformer Engine" not in proc.stderr
+    assert "exitcode  : 2" in proc.stderr  # every rank: the user-error code

@@ -92,3 +92,57 @@ def test_webdataset_position_through_the_manifest_repeats_and_skips_nothing(tmp_
                 tokens += next(it)["tokens"].reshape(-1).tolist()
             seen.update(tokens[:mine])
         assert seen == _epoch_tokens(shards), (old_size, new_size)
+
+
+def _engine_checkpoint(save, cfg, engine: str, **extra):
+    """A step directory whose manifest says ``engine`` saved it (no tensors: none are read)."""
+    from gptforge.launcher.config import to_dict
+
+    d = save / ck.step_name(3)
+    d.mkdir(parents=True)
+    manifest = {"format": ck.FORMAT, "step": 3, "files": {}, "config": to_dict(cfg),
+                "layout": {"engine": engine}, **extra}
+    (d / ck.MANIFEST).write_text(json.dumps(manifest))
+    return d
+
+
+def test_a_checkpoint_of_the_other_engine_is_refused_before_any_model(tmp_path):
+    """find_start (the front door's preflight and each rank, before the model) names both
+    engines, the checkpoint and the ways out: for the run's own checkpoints a new run dir or
+    overwrite; from deepspeed to megatron also `gptforge convert zero-to-fp32`."""
+    import pytest
+
+    from gptforge.launcher.config import load_config
+    from gptforge.launcher.run.entry import find_start
+    from gptforge.parallel.engine import CheckpointError
+    from tests.conftest import TINY
+
+    def cfg(*overrides):
+        return load_config([TINY], [f"--run.dir={tmp_path / 'run'}", *overrides])
+
+    own = _engine_checkpoint(tmp_path / "run" / "checkpoints", cfg(), "megatron")
+    with pytest.raises(CheckpointError) as info:
+        find_start(cfg("--parallel.engine=deepspeed"))
+    line = str(info.value)
+    for part in (own, "saved by the megatron engine", "parallel.engine=deepspeed",
+                 "--parallel.engine=megatron", "--run.dir", "--run.overwrite=true"):
+        assert str(part) in line, (part, line)
+    assert "\n" not in line and "zero-to-fp32" not in line
+    assert find_start(cfg()).checkpoint == own  # the same engine resumes
+    assert find_start(cfg("--parallel.engine=deepspeed", "--run.overwrite=true")).checkpoint \
+        is None  # overwrite: the old checkpoints are not the start
+
+    ds = _engine_checkpoint(tmp_path / "ds", cfg(), "deepspeed")
+    with pytest.raises(CheckpointError) as info:
+        find_start(cfg(f"--checkpoint.load={ds}", "--checkpoint.enabled=false"))
+    line = str(info.value)
+    for part in (ds, "saved by the deepspeed engine", "parallel.engine=megatron",
+                 f"gptforge convert zero-to-fp32 --checkpoint {ds}", "--checkpoint.load_optim"):
+        assert str(part) in line, (part, line)
+    assert "--run.overwrite" not in line
+
+    weights = _engine_checkpoint(tmp_path / "conv", cfg(), "megatron", weights_only=True)
+    with pytest.raises(CheckpointError, match="checkpoint.load_optim=false"):
+        find_start(cfg(f"--checkpoint.load={weights}", "--checkpoint.enabled=false"))
+    assert find_start(cfg(f"--checkpoint.load={weights}", "--checkpoint.enabled=false",
+                          "--checkpoint.load_optim=false")).checkpoint == weights

@@ -223,3 +223,48 @@ def test_sft_mock_data_masks_a_prefix_of_each_sample_the_same_for_any_dp_size():
     assert all(row[:p].eq(0).all() and row[p:].eq(1).all()  # a prefix, then the response
                for row, p in zip(one, prompt_lengths.tolist()))
     assert torch.equal(masks(2, sft=False), torch.ones(8, 16))
+
+
+# ------------------------------------------------------------------ a valid split for validation
+
+
+def finetune_cfg(shards, *overrides: str):
+    """configs/finetune.yaml (train.eval_interval 50) on top of the tiny model, on ``shards``."""
+    from gptforge.launcher.config import load_config
+    from tests.conftest import ROOT, TINY
+
+    return load_config([TINY, ROOT / "configs" / "finetune.yaml"],
+                       [f"--data.sources=[{{path: {shards}}}]", f"--model.vocab_size={VOCAB}",
+                        *overrides])
+
+
+def test_validation_without_valid_shards_is_refused_naming_the_fixes(sft_data, tmp_path):
+    """`data prepare` writes no valid split by default; a training that validates (finetune.yaml,
+    tiny.yaml) is refused before any model, naming the missing split and every way out."""
+    from gptforge.launcher.run.build import check_data as check_run_data
+
+    with raises(SourceError, "data.sources[0]", sft_data / "index.json", "no 'valid' shards",
+                "train.eval_interval=50", "data prepare --format sft", "--valid-fraction",
+                "data.valid_sources", "--train.eval_interval=0"):
+        check_run_data(finetune_cfg(sft_data))
+    assert check_run_data(finetune_cfg(sft_data, "--train.eval_interval=0"))  # the notes
+    write_token_dataset(tmp_path / "pre", {"train": unique_docs(2, 3, 5)}, vocab_size=VOCAB,
+                        eod_id=EOD)  # pretraining shards: the same refusal
+    with raises(SourceError, "no 'valid' shards", "--valid-fraction", "--train.eval_interval=0"):
+        check_run_data(finetune_cfg(tmp_path / "pre", "--data.format=pretrain"))
+
+
+def test_prepare_sft_says_when_it_writes_no_valid_split(tmp_path, tiny_tokenizer, capsys):
+    from gptforge.launcher.cli.main import main
+    from gptforge.launcher.run.build import check_data as check_run_data
+
+    src = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"q{k}?", "response": f" a{k}"}
+                                                 for k in range(200)])
+    args = ["data", "prepare", "--format", "sft", "--input", src, "--tokenizer",
+            str(tiny_tokenizer), "--no-progress", "--workers", "1"]
+    assert main([*args, "--out", str(tmp_path / "none")]) == 0
+    assert "note: no valid split" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "some"), "--valid-fraction", "0.1"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    cfg = finetune_cfg(tmp_path / "some", f"--data.tokenizer_model={tiny_tokenizer}")
+    assert any("valid shard" in note for note in check_run_data(cfg))

@@ -242,7 +242,7 @@ class Checkpointer:
         """Restore from ``step_dir``; returns the step to continue after (0 without optim)."""
         manifest = ck.read_manifest(step_dir)
         ck.check_compatible(manifest, self.run.model, step_dir)
-        _check_engine(manifest, self.run.engine, step_dir, load_optim)
+        ck.check_engine(manifest, self.run.engine, step_dir, load_optim=load_optim)
         problems = pc.all_gather_objects(
             self.ctx, ck.verify_files(step_dir, manifest, self.ctx.rank, self.ctx.world_size))
         for problem in problems:
@@ -273,18 +273,3 @@ class Checkpointer:
         else:
             set_seed(self.run.seed + 1_000_003 * manifest["step"],
                      self.ctx.pp_rank)
-
-
-def _check_engine(manifest: dict, engine: str, step_dir: Path, load_optim: bool) -> None:
-    """A checkpoint loads into the engine that saved it; a weights-only one (``gptforge convert``)
-    holds no optimizer state to restore."""
-    saved = manifest["layout"].get("engine", "megatron")
-    if saved != engine:
-        hint = (f"; `gptforge convert zero-to-fp32 --checkpoint {step_dir} --out DIR` makes "
-                f"megatron-engine weights of it" if saved == "deepspeed" else "")
-        raise CheckpointError(f"{step_dir}: saved by the {saved} engine, this run has "
-                              f"parallel.engine={engine}{hint}")
-    if load_optim and manifest.get("weights_only"):
-        raise CheckpointError(f"{step_dir}: a weights-only checkpoint (no optimizer state, "
-                              f"{manifest.get('reason', 'converted')}); load it with "
-                              f"checkpoint.load_optim=false")

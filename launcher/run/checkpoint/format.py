@@ -165,6 +165,30 @@ def check_compatible(manifest: dict, model_cfg: dict, where: Path) -> None:
                               f"positions have one row per position)")
 
 
+def check_engine(manifest: dict, engine: str, where: Path, *, load_optim: bool,
+                 own: bool = False) -> None:
+    """A checkpoint loads into the engine that saved it (one line naming both engines, the
+    checkpoint and the ways out); a weights-only one (``gptforge convert``) holds no optimizer
+    state to restore. ``own``: it is the run dir's own checkpoint (a restart), not a
+    ``checkpoint.load``. Checked before any model (preflight, each rank) and again at load."""
+    saved = manifest["layout"].get("engine", "megatron")
+    if saved != engine:
+        ways = [f"keep --parallel.engine={saved}"]
+        if own:
+            ways += ["start a new run with another --run.dir",
+                     "replace this run with --run.overwrite=true"]
+        if saved == "deepspeed" and engine == "megatron":
+            ways.append(f"make megatron-engine weights of it with `gptforge convert zero-to-fp32 "
+                        f"--checkpoint {where} --out DIR` and start from those "
+                        f"(--checkpoint.load=DIR --checkpoint.load_optim=false)")
+        raise CheckpointError(f"{where}: saved by the {saved} engine, but this run has "
+                              f"parallel.engine={engine}: {', or '.join(ways)}")
+    if load_optim and manifest.get("weights_only"):
+        raise CheckpointError(f"{where}: a weights-only checkpoint (no optimizer state, "
+                              f"{manifest.get('reason', 'converted')}); load it with "
+                              f"checkpoint.load_optim=false")
+
+
 def verify_files(step_dir: Path, manifest: dict, rank: int, world_size: int) -> str | None:
     """Check this rank's share of the files against the manifest; the first problem or None."""
     for i, (rel, entry) in enumerate(sorted(manifest["files"].items())):
