@@ -3,13 +3,36 @@
 ``--section.key=value`` and ``--section.key value`` are accepted; a bool key alone means true;
 any other key without a value, and anything that is not an override, is refused in the words the
 user typed, under the program's own name.
+
+``GPTFORGE_TRAIN_ITERS=N`` in the environment shortens every training to N steps (the last
+overrides, ``train.train_iters=N`` and ``optim.lr_warmup_iters=N // 2``): for trying commands
+quickly, such as the README's (tests/integration/test_readme.py sets it).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from gptforge.launcher.config import field_type
+
+TRAIN_ITERS_ENV = "GPTFORGE_TRAIN_ITERS"
+
+
+def env_overrides() -> list[str]:
+    """The overrides ``GPTFORGE_TRAIN_ITERS`` stands for (none when it is unset)."""
+    text = os.environ.get(TRAIN_ITERS_ENV, "").strip()
+    if not text:
+        return []
+    from gptforge.common.errors import ConfigError
+
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(TRAIN_ITERS_ENV, f"must be a whole number of steps >= 1, got {text!r}")
+    steps = int(text)
+    from gptforge.common.log import get_logger
+
+    get_logger(__name__).info(f"{TRAIN_ITERS_ENV}={steps}: this training runs {steps} steps")
+    return [f"--train.train_iters={steps}", f"--optim.lr_warmup_iters={steps // 2}"]
 
 
 def _usage_error(prog: str, message: str):
@@ -59,4 +82,4 @@ def parse_train_args(argv: list[str], prog: str) -> tuple[list[str], list[str]]:
                 i += 1
         else:
             rest.append(token)
-    return files, _join_values(rest, prog)
+    return files, _join_values(rest, prog) + env_overrides()

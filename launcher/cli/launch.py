@@ -44,7 +44,7 @@ _LOCAL_HOSTS = ("localhost", "127.0.0.1")
 # quotes, which DeepSpeed's pdsh command line cannot carry).
 _PASSED_ENV = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "PYTHONWARNINGS", "GPTFORGE_DEBUG",
                "GPTFORGE_ERROR_DIR", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME",
-               "NCCL_DEBUG", "CUDA_DEVICE_MAX_CONNECTIONS")
+               "NCCL_DEBUG", "CUDA_DEVICE_MAX_CONNECTIONS", "GPTFORGE_TRAIN_ITERS")
 
 
 class LaunchConfigError(ConfigError):

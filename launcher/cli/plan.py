@@ -157,9 +157,10 @@ def emit_config(args: argparse.Namespace, request, entry) -> Path:
     layout = layout_delta(request, entry)
     if args.seq_length is not None:
         layout["model"] = {"seq_length": args.seq_length}
+    out = Path(args.emit_config)
+    layout["run"] = {"dir": f"runs/{out.stem}"}  # its own run, not the preset's
     for section, values in layout.items():
         delta[section] = {**delta.get(section, {}), **values}
-    out = Path(args.emit_config)
     head = [f"# gptforge plan --model {args.model} --nodes {args.nodes} --gpus-per-node "
             f"{args.gpus_per_node} --gpu {args.gpu} --engine {args.engine}",
             f"# best layout: {_layout_text(entry)}",

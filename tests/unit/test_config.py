@@ -132,3 +132,17 @@ def test_a_lone_process_takes_back_the_master_port_it_chose(monkeypatch):
 def test_a_non_finite_number_is_refused_naming_the_key(value):
     with pytest.raises(ConfigError, match=r"^optim\.lr: must be a finite number"):
         load_config([], [f"--optim.lr={value}"])
+
+
+def test_gptforge_train_iters_shortens_every_training_and_a_bad_value_is_named(monkeypatch):
+    from gptforge.launcher.overrides import parse_train_args
+
+    monkeypatch.setenv("GPTFORGE_TRAIN_ITERS", "3")
+    files, overrides = parse_train_args(["--config", str(TINY), "--train.train_iters=500"],
+                                        prog="gptforge train")
+    cfg = load_config(files, overrides)
+    assert cfg.train.train_iters == 3 and cfg.optim.lr_warmup_iters == 1  # the env var comes last
+    validate(cfg, 1)  # the shortened schedule is a valid one
+    monkeypatch.setenv("GPTFORGE_TRAIN_ITERS", "0")
+    with pytest.raises(ConfigError, match="GPTFORGE_TRAIN_ITERS.*got '0'"):
+        parse_train_args([], prog="gptforge train")

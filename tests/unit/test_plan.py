@@ -180,6 +180,7 @@ def test_emitted_config_is_the_preset_plus_the_best_layout(tmp_path, capsys):
     delta = yaml.safe_load(out.read_text())
     assert delta["model"]["hidden_size"] == 5120 and delta["precision"]["dtype"] == "bf16"
     assert delta["train"]["global_batch_size"] == 1024
+    assert delta["run"]["dir"] == "runs/plan"  # its own run dir, named after the file
     best = capsys.readouterr().out.split("best: ")[1].split("\n")[0]
     p = delta["parallel"]
     assert best.startswith(f"TP={p['tensor_model_parallel_size']} "
