@@ -128,11 +128,34 @@ def _lines(s: dict, indent: str = "") -> list[str]:
             f"{indent}mlflow run  {mlflow}"]
 
 
+ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
+          "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING")
+
+
+def _states(s: dict) -> list[str]:
+    return [p.get("state") or "" for p in s["points"]] if "points" in s else [s.get("state") or ""]
+
+
+def wait_for_job(run_dir: Path, poll_s: float = 2.0) -> dict:
+    """The status once the run's job (every task of a sweep) has left Slurm's active states,
+    requeues included."""
+    import time
+
+    while True:
+        s = status(run_dir)
+        if not s.get("job_id"):
+            raise SlurmOptionError("--wait", f"{run_dir} has no submitted job ({JOB_RECORD})")
+        if not any(state.split()[0] in ACTIVE for state in _states(s) if state):
+            return s
+        time.sleep(poll_s)
+
+
 def _status(args) -> int:
-    s = status(Path(args.run_dir))
+    s = wait_for_job(Path(args.run_dir)) if args.wait else status(Path(args.run_dir))
+    code = 0 if not args.wait or all(x == "COMPLETED" for x in _states(s)) else 1
     if args.json:
         print(json.dumps(s, indent=1))
-        return 0
+        return code
     print(f"run dir     {s['run_dir']}")
     print(f"job         {s.get('job_id') or '- (not submitted: no slurm_job.json)'}")
     if "points" in s:
@@ -144,7 +167,7 @@ def _status(args) -> int:
         if s.get("nodes"):
             print(f"nodes       {s['nodes']}")
         print("\n".join(_lines(s)))
-    return 0
+    return code
 
 
 def add_parser(sub) -> None:
@@ -153,4 +176,7 @@ def add_parser(sub) -> None:
                        description="Where a Slurm run stands.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--wait", action="store_true",
+                   help="wait until the job (every task of a sweep) has ended, requeues "
+                        "included; exit code 0 when it COMPLETED, 1 otherwise")
     p.set_defaults(func=_status)

@@ -50,8 +50,10 @@ def test_two_node_job_trains_like_two_local_ranks(slurm_cluster, reference, tmp_
     script = (run_dir / "job.sbatch").read_text()
     assert "#SBATCH --nodes=2" in script and "#SBATCH --requeue" in script
     assert "#SBATCH --signal=USR1@300" in script
-    record = wait_job(job)[""]
-    assert record["JobState"] == "COMPLETED", job_output(run_dir)
+    waited = gptforge("launch", "status", run_dir, "--wait", "--json")  # until the job ends
+    assert waited.returncode == 0, waited.stdout + waited.stderr + job_output(run_dir)
+    assert json.loads(waited.stdout)["state"] == "COMPLETED"
+    record = scontrol_job(job)[""]
     assert record["NodeList"] == "n[1-2]"
     out = job_output(run_dir)
     assert "master n1:" in out  # MASTER_ADDR: the allocation's first host
