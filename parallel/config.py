@@ -32,8 +32,9 @@ class ParallelConfig:
     """Training engine: megatron-core (DDP / distributed optimizer) or DeepSpeed ZeRO."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto: nccl with GPUs, gloo on CPU."""
-    distributed_timeout_minutes: int = 10
-    """How long a collective waits for a missing rank before the run fails."""
+    distributed_timeout_minutes: float = 10
+    """How long a collective waits for a missing rank before the run fails (fractions allowed:
+    0.5 is 30 s)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (deepspeed engine): 0 none, 1 optimizer, 2 +gradients, 3 +parameters."""
     offload_optimizer: Literal["none", "cpu"] = "none"

@@ -29,7 +29,12 @@ class CollectiveTimeout(UserError):
     """A collective waited ``parallel.distributed_timeout_minutes`` for a rank that never came."""
 
 
+class PeerLost(UserError):
+    """A collective's connection to another rank broke: that rank (or its node) is gone."""
+
+
 _TIMEOUT_TEXT = re.compile(r"timed out|timeout", re.IGNORECASE)
+_PEER_LOST_TEXT = re.compile(r"connection (reset|closed) by peer|broken pipe", re.IGNORECASE)
 _GPTFORGE_ROOT = str(Path(__file__).resolve().parents[1])  # where gptforge's parts are
 
 
@@ -38,17 +43,25 @@ def _ours(filename: str) -> bool:
         or "/deepspeed/" in filename
 
 
-def collective_timeout(exc: BaseException, timeout_minutes: int) -> CollectiveTimeout | None:
+def collective_timeout(exc: BaseException,
+                       timeout_minutes: float) -> CollectiveTimeout | PeerLost | None:
     """``exc`` as a one-line CollectiveTimeout if it is a process group's timeout (gloo's
-    "Timed out waiting ...ms", NCCL's watchdog, the store's wait), naming where it waited."""
-    if not isinstance(exc, (RuntimeError, dist.DistError)) or not _TIMEOUT_TEXT.search(str(exc)):
+    "Timed out waiting ...ms", NCCL's watchdog, the store's wait), naming where it waited; as
+    a PeerLost if another rank's connection broke (it died: a lost node)."""
+    if not isinstance(exc, (RuntimeError, dist.DistError)):
         return None
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if _ours(f.filename)]
     where = f" in {frames[-1].name} ({Path(frames[-1].filename).name}:{frames[-1].lineno})" \
         if frames else ""
     detail = str(exc).strip().splitlines()[0].split("] ", 1)[-1][:100]
+    if _PEER_LOST_TEXT.search(str(exc)):
+        return PeerLost(f"a collective{where} lost its connection to another rank (it died, or "
+                        f"its node: {detail.split('. ')[0]}); the newest checkpoint resumes the "
+                        f"run (an elastic launch restarts on its own)")
+    if not _TIMEOUT_TEXT.search(str(exc)):
+        return None
     return CollectiveTimeout(
-        f"a collective{where} waited parallel.distributed_timeout_minutes={timeout_minutes} "
+        f"a collective{where} waited parallel.distributed_timeout_minutes={timeout_minutes:g} "
         f"for a rank that did not answer (stalled, stopped or dead: {detail}); the newest "
         f"checkpoint resumes the run")
 
@@ -140,7 +153,8 @@ def _choose_backend(requested: str) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(backend: str = "auto", timeout_minutes: int = 10) -> tuple[int, int, int, str]:
+def init_distributed(backend: str = "auto",
+                     timeout_minutes: float = 10) -> tuple[int, int, int, str]:
     """Initialise the default process group (a one-rank group when run alone)."""
     rank, world_size, local_rank = env_rank_info()
     backend = _choose_backend(backend)
@@ -157,7 +171,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 10) -> tuple[
     return rank, world_size, local_rank, backend
 
 
-def apply_default_timeout(timeout_minutes: int) -> None:
+def apply_default_timeout(timeout_minutes: float) -> None:
     """Every process group created from now on without a timeout of its own (megatron's
     sub-groups, DeepSpeed's) waits ``parallel.distributed_timeout_minutes``, not torch's 30
     (or NCCL's 10) minute default."""

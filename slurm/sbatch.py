@@ -13,6 +13,14 @@ Launchers (``--launcher``):
 - ``torchrun``: one task per node running torchrun (c10d rendezvous at MASTER_ADDR:MASTER_PORT,
   ``--signals-to-handle``); the warning signal goes to the batch shell (``B:``), which passes it
   to srun.
+- elastic (``--nodes MIN-MAX``): torchrun per node with ``--nnodes MIN:MAX``, c10d rendezvous on
+  the batch host (the first node: its loss ends the job in any case), ``--max-restarts``, and
+  ``#SBATCH --no-kill`` with ``srun --no-kill``: a failed node no longer ends the job (Slurm's
+  default on NODE_FAIL) nor the step; the ranks on the other nodes see their collective fail,
+  their agents meet again without it and restart every rank from ``latest`` at the smaller
+  data-parallel size (``launcher/run/resize.py``). torchrun's sharing of its rendezvous store
+  with the ranks is turned off (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``): with it, a node that
+  joins a later round waits forever for keys the old rank 0 never writes again.
 - ``deepspeed``: ``gptforge launch deepspeed`` in the batch shell; its hostfile is written from
   the allocation (``scontrol show hostnames``). No checkpoint on preemption there (DeepSpeed's
   launcher passes no USR1 on); ``--engine deepspeed`` with the srun launcher has it.
@@ -38,6 +46,13 @@ _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Set by Slurm or by the script itself: an --env value for them would be silently replaced.
 _RESERVED_ENV = ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                  "GROUP_RANK", "PATH")
+
+
+# torchrun's rendezvous for an elastic job: a round closes 10 s after the fewest nodes have
+# joined (torch's default 30 s), a node is dropped after 3 missed 5-second heartbeats
+ELASTIC_RDZV_CONF = "last_call_timeout=10,keep_alive_interval=5,keep_alive_max_attempt=3"
+# the agent and the ranks do not share the rendezvous store (see the module docstring)
+ELASTIC_AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 class SlurmOptionError(ConfigError):
@@ -68,6 +83,13 @@ class JobSpec:
     array_size: int = 0  # sweep points (0: not an array)
     array_parallel: int | None = None  # at most this many points at once
     shutdown_timeout_s: int = 120  # torchrun: how long ranks get after a forwarded signal
+    min_nodes: int | None = None  # elastic: the job goes on while this many nodes are left
+    max_restarts: int = 10  # elastic: torchrun restarts after failures (not membership changes)
+    rdzv_conf: str = ELASTIC_RDZV_CONF
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_nodes is not None and self.min_nodes < self.nodes
 
     @property
     def tasks_per_node(self) -> int:
@@ -101,6 +123,19 @@ def time_seconds(text: str) -> int:
     if len(parts) == 2:
         return parts[0] * 60 + parts[1]
     return parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def parse_nodes(text: str) -> tuple[int | None, int]:
+    """``--nodes``: ``N``, or ``MIN-MAX`` for an elastic job; (min or None, max)."""
+    low, sep, high = str(text).partition("-")
+    try:
+        nodes = (int(low), int(high)) if sep else (None, int(low))
+    except ValueError:
+        raise SlurmOptionError("--nodes", f"{text!r} is not N or MIN-MAX (e.g. 4 or 2-4)") \
+            from None
+    if nodes[0] is not None and not 1 <= nodes[0] <= nodes[1]:
+        raise SlurmOptionError("--nodes", f"{text!r}: MIN-MAX needs 1 <= MIN <= MAX")
+    return nodes
 
 
 def parse_env(items: list[str]) -> list[tuple[str, str]]:
@@ -142,6 +177,12 @@ def check(spec: JobSpec) -> None:
         raise SlurmOptionError("--signal-seconds", f"{spec.signal_seconds}: the stop signal "
                                f"must come after the start and before --time {spec.time} "
                                f"({limit} s)")
+    if spec.elastic and spec.launcher != "torchrun":
+        raise SlurmOptionError("--launcher", f"{spec.launcher}: an elastic job (--nodes "
+                               f"{spec.min_nodes}-{spec.nodes}) runs torchrun on every node "
+                               f"(--launcher torchrun, or leave it out)")
+    if spec.max_restarts < 0:
+        raise SlurmOptionError("--max-restarts", f"must be >= 0, got {spec.max_restarts}")
     if spec.max_requeues < 0:
         raise SlurmOptionError("--max-requeues", f"must be >= 0, got {spec.max_requeues}")
     if spec.launcher in ("torchrun", "deepspeed") and spec.ntasks_per_node is None \
@@ -175,11 +216,14 @@ def directives(spec: JobSpec) -> list[str]:
     else:
         out = f"{_slurm_path(run)}/slurm-%j"
     sig = ("" if spec.launcher == "srun" else "B:") + f"{spec.signal}@{spec.signal_seconds}"
+    nodes = f"{spec.min_nodes}-{spec.nodes}" if spec.elastic else spec.nodes
     opts: list[tuple[str, object]] = [
-        ("job-name", spec.job_name or run.name), ("nodes", spec.nodes),
+        ("job-name", spec.job_name or run.name), ("nodes", nodes),
         ("ntasks-per-node", spec.tasks_per_node), ("partition", spec.partition),
         ("time", spec.time), ("output", out + ".out"), ("error", out + ".err"),
         ("open-mode", "append"), ("signal", sig), ("requeue", True)]
+    if spec.elastic:  # a failed node does not end the job (see the module docstring)
+        opts.append(("no-kill", True))
     if spec.gpus_per_node:
         opts.append(("gpus-per-node", spec.gpus_per_node))
     if spec.cpus_per_task:
@@ -210,8 +254,13 @@ def _launch_line(spec: JobSpec) -> tuple[str, str, str]:
                 f'gptforge.launcher.run --config "$CONFIG"', "", "")
     if spec.launcher == "torchrun":
         sig = f"SIG{spec.signal}"
+        nnodes = '"$SLURM_NNODES"'
+        if spec.elastic:  # no --wait: one node's end must not end the others
+            srun = "srun --unbuffered --no-kill --kill-on-bad-exit=0"
+            nnodes = (f'{spec.min_nodes}:{spec.nodes} --max-restarts={spec.max_restarts} '
+                      f'--rdzv-conf={_q(spec.rdzv_conf)}')
         cmd = (f'{srun} --ntasks-per-node=1 "$PYTHON" -m torch.distributed.run '
-               f'--nnodes="$SLURM_NNODES" --nproc-per-node={spec.ranks_per_node} '
+               f'--nnodes={nnodes} --nproc-per-node={spec.ranks_per_node} '
                f'--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" '
                f'--rdzv-id="$SLURM_JOB_ID" --signals-to-handle={sig},SIGTERM,SIGINT '
                f'--shutdown-timeout={spec.shutdown_timeout_s} '
@@ -241,7 +290,8 @@ def render(spec: JobSpec, what: str = "") -> str:
         config_q=_q(spec.run_dir / JOB_CONFIG) if not spec.array_size else '""',
         python_q=_q(spec.python), max_requeues=int(spec.max_requeues),
         array_block=array_block,
-        env_exports="\n".join(f"export {k}={_q(v)}" for k, v in spec.env),
+        env_exports="\n".join(f"export {k}={_q(v)}" for k, v in [
+            *(ELASTIC_AGENT_ENV.items() if spec.elastic else ()), *spec.env]),
         forward_usr1=fwd_usr1, forward_term=fwd_term, launch=launch, signal=spec.signal,
         pre_launch='rm -f "$RUN_DIR/hostfile"  # written from this allocation by the launcher\n'
         if spec.launcher == "deepspeed" else "")

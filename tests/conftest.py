@@ -77,7 +77,8 @@ def pytest_collection_modifyitems(config, items):
 # gptforge train, the rank module, torchrun, deepspeed, Slurm jobs) must be marked slow. The
 # guard below fails an unmarked test at the moment it starts one, naming the command.
 
-_RANK_MODULES = ("gptforge.launcher.run", "torch.distributed.run", "tests.integration.crash_rank")
+_RANK_MODULES = ("gptforge.launcher.run", "torch.distributed.run", "tests.integration.crash_rank",
+                 "tests.integration.paced_rank")
 _RANK_PROGRAMS = ("torchrun", "deepspeed", "sbatch", "srun")
 
 

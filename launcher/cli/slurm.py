@@ -1,6 +1,6 @@
 """``gptforge launch slurm``: write ``<run.dir>/job.sbatch`` (and submit it with ``--submit``).
 
-    gptforge launch slurm --config ... [overrides] --nodes N --gpus-per-node G --partition P
+    gptforge launch slurm --config ... [overrides] --nodes N|MIN-MAX --gpus-per-node G --partition P
         --time HH:MM:SS [--job-name S --account A --qos Q --constraint C --exclusive
         --mail-user M --env K=V ... --ntasks-per-node T --launcher srun|torchrun|deepspeed
         --engine megatron|deepspeed --sweep section.key=v1,v2 ...] [--submit]
@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from gptforge.slurm.sbatch import (JOB_CONFIG, LAUNCHERS, SCRIPT, SIGNALS, JobSpec,
-                                   SlurmOptionError, parse_env, parse_job_id, render,
-                                   sweep_points)
+                                   SlurmOptionError, parse_env, parse_job_id, parse_nodes,
+                                   render, sweep_points)
 
 JOB_RECORD = "slurm_job.json"
 SWEEP_FILE = "sweep.json"
@@ -38,19 +38,23 @@ def _resolve(config_args: list[str], extra: list[str], prog: str):
 
 
 def _check_point(cfg, spec: JobSpec, *, owner: bool):
-    """The config for the job's world size (an error names the job shape), run dir, data."""
+    """The config for the job's world size, every one an elastic job may run at (an error
+    names the job shape), run dir, data."""
     from gptforge.launcher.config import validate
     from gptforge.launcher.run.entry import preflight
     from gptforge.common.errors import ConfigError
 
     p = cfg.parallel
     validate(cfg, max(1, p.tensor_model_parallel_size) * max(1, p.pipeline_model_parallel_size))
-    try:
-        validate(cfg, spec.world_size)
-    except ConfigError as err:
-        raise SlurmOptionError("--nodes", f"{spec.nodes} node(s) x {spec.ranks_per_node} "
-                               f"rank(s) = world size {spec.world_size}, which does not fit "
-                               f"the config: {err}") from None
+    for nodes in range(spec.min_nodes if spec.elastic else spec.nodes, spec.nodes + 1):
+        world_size = nodes * spec.ranks_per_node
+        try:
+            validate(cfg, world_size)
+        except ConfigError as err:
+            elastic = f" (of --nodes {spec.min_nodes}-{spec.nodes})" if spec.elastic else ""
+            raise SlurmOptionError("--nodes", f"{nodes} node(s){elastic} x "
+                                   f"{spec.ranks_per_node} rank(s) = world size {world_size}, "
+                                   f"which does not fit the config: {err}") from None
     return preflight(cfg, spec.world_size, is_run_dir_owner=owner)
 
 
@@ -80,12 +84,16 @@ def _write_job_config(cfg, run_dir: Path) -> Path:
 
 
 def _spec(args, run_dir: Path, array_size: int) -> JobSpec:
-    return JobSpec(run_dir=run_dir, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+    min_nodes, nodes = parse_nodes(args.nodes)
+    elastic = min_nodes is not None and min_nodes < nodes
+    launcher = args.launcher or ("torchrun" if elastic else "srun")
+    return JobSpec(run_dir=run_dir, nodes=nodes, min_nodes=min_nodes if elastic else None,
+                   max_restarts=args.max_restarts, gpus_per_node=args.gpus_per_node,
                    partition=args.partition, time=args.time, python=sys.executable,
                    job_name=args.job_name or "", ntasks_per_node=args.ntasks_per_node,
                    cpus_per_task=args.cpus_per_task, account=args.account, qos=args.qos,
                    constraint=args.constraint, exclusive=args.exclusive,
-                   mail_user=args.mail_user, env=parse_env(args.env), launcher=args.launcher,
+                   mail_user=args.mail_user, env=parse_env(args.env), launcher=launcher,
                    signal=args.signal, signal_seconds=args.signal_seconds,
                    max_requeues=args.max_requeues, array_size=array_size,
                    array_parallel=args.array_parallel)
@@ -176,7 +184,9 @@ def add_parser(sub, keep_config_args) -> None:
         description="Write <run.dir>/job.sbatch (one rank per GPU via srun, preemption: "
                     "checkpoint, requeue, resume) and the resolved config beside it; "
                     "--submit calls sbatch.")
-    p.add_argument("--nodes", type=int, required=True, metavar="N")
+    p.add_argument("--nodes", required=True, metavar="N|MIN-MAX",
+                   help="nodes; MIN-MAX: an elastic job (torchrun), which goes on at a smaller "
+                        "data-parallel size while MIN nodes are left")
     p.add_argument("--gpus-per-node", type=int, required=True, metavar="G",
                    help="GPUs per node; 0: a CPU job (one rank per node unless "
                         "--ntasks-per-node)")
@@ -193,9 +203,13 @@ def add_parser(sub, keep_config_args) -> None:
     p.add_argument("--mail-user", metavar="M")
     p.add_argument("--env", action="append", default=[], metavar="K=V",
                    help="export K=V to the ranks (repeatable; the value is data, quoted)")
-    p.add_argument("--launcher", choices=LAUNCHERS, default="srun",
-                   help="srun: one task per rank (default); torchrun: one per node; "
-                        "deepspeed: DeepSpeed's launcher, hostfile from the allocation")
+    p.add_argument("--launcher", choices=LAUNCHERS,
+                   help="srun: one task per rank (default); torchrun: one per node (the "
+                        "default of an elastic job); deepspeed: DeepSpeed's launcher, hostfile "
+                        "from the allocation")
+    p.add_argument("--max-restarts", type=int, default=10, metavar="K",
+                   help="elastic job: torchrun restarts the ranks after at most K failures "
+                        "(nodes that leave or join do not count; default 10)")
     p.add_argument("--engine", choices=("megatron", "deepspeed"),
                    help="sets parallel.engine")
     p.add_argument("--signal", choices=SIGNALS, default="USR1",

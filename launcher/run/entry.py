@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from gptforge.common.log import get_logger, set_rank
+from gptforge.common.log import ANY_RANK, get_logger, set_rank
 from gptforge.launcher.config import (Config, dump_config, layout_notes, load_config, to_dict,
                                       validate)
 from gptforge.data.config import with_tokenizer_resolved
@@ -182,17 +182,31 @@ def run_record(cfg: Config):
                      data_source=cfg.data.source, tokenizer_sha256=sha)
 
 
-def _resume(cfg: Config, start: Start, ckpt, sink) -> int:
-    """Load ``start.checkpoint`` (if any), mark it in metrics.jsonl; the step to continue after."""
+def _resume(cfg: Config, start: Start, ckpt, sink, layout: Layout, is_logging_rank: bool) -> int:
+    """Load ``start.checkpoint`` (if any), mark it in metrics.jsonl (a restart: with the steps
+    it redoes; at another world size: a ``resized`` event too); the step to continue after."""
+    from gptforge.launcher.run import resize
+    from gptforge.launcher.run.checkpoint.format import read_manifest
+
     if start.checkpoint is None:
         return 0
     load_optim = start.load_optim(cfg)
     step = ckpt.load(start.checkpoint, load_optim=load_optim)
     event = "restart" if start.resuming else "loaded"
     changes = ckpt.config_changes(start.checkpoint)
+    lost = resize.lost_work(cfg.run.dir, step).fields() \
+        if start.resuming and is_logging_rank else {}
     sink.log({"event": event, "step": step, "checkpoint": str(start.checkpoint),
-              "load_optim": load_optim, "config_changes": changes})
+              "load_optim": load_optim, "config_changes": changes, **lost})
     log.info(f"{event} from {start.checkpoint} at step {step}")
+    resized = resize.resize_record(read_manifest(start.checkpoint), layout, step) \
+        if start.resuming else None
+    if resized is not None and is_logging_rank:
+        sink.log({**resized, **lost})
+        log.warning(resize.describe({**resized, **lost}), extra=ANY_RANK)
+    elif lost.get("lost_steps"):
+        log.info(f"{lost['lost_steps']} steps after the checkpoint are done again "
+                 f"({lost['lost_seconds']:.1f} s of training lost)", extra=ANY_RANK)
     schedule = {k: v for k, v in changes.items() if k in SCHEDULE_KEYS}
     if load_optim and schedule:
         log.warning("the LR schedule changed since the checkpoint ("
@@ -301,7 +315,8 @@ def run(cfg: Config, *, at_point: Callable[[str, int], None] = no_point) -> RunR
                           **mlflow_info.mlflow_run(cfg, layout, ctx, resuming=start.resuming))
         sink.log_params(mlflow_info.params(cfg, layout))
         throughput = build_throughput(cfg, layout, ctx)  # before a load: it draws random numbers
-        start_step = _resume(cfg, start, ckpt, sink)  # restores the RNG: nothing after
+        # restores the RNG: nothing after
+        start_step = _resume(cfg, start, ckpt, sink, layout, ctx.is_logging_rank)
         loop = train(engine, iter(batches), cfg.train, num_microbatches=layout.num_microbatches,
                      throughput=throughput, sink=sink, start_step=start_step,
                      make_valid_iter=lambda: iter(build_batches(cfg, layout, ctx, "valid")),

@@ -96,8 +96,9 @@ class MetricsSink:
             raise RunDirError(f"{self.path}: {err.strerror or err}; the run stopped at step "
                               f"{record.get('step')}: the records before it and the "
                               f"checkpoints written so far are kept") from None
-        if "event" in record:
-            return  # a marker in metrics.jsonl (restart, stop), not a metric
+        if "event" in record:  # a marker in metrics.jsonl (restart, stop), not a metric
+            self._event_to_mlflow(record)
+            return
         parts = [f"step {record['step']:>6}"] + [_fmt(k, record[k]) for k in self.CONSOLE_KEYS
                                                  if record.get(k) is not None]
         if record.get("skipped"):
@@ -108,6 +109,23 @@ class MetricsSink:
                        if isinstance(v, (int, float)) and k not in ("step", "time")
                        and math.isfinite(float(v))}  # bools (skipped) as 0/1
             self._mlflow.log_metrics(int(record["step"]), numbers, when=record["time"])
+
+    def _event_to_mlflow(self, record: dict) -> None:
+        """A ``resized`` event: the new size and the lost work as metrics at its step (a chart
+        of world_size over the run), and a tag that says it in words."""
+        if self._mlflow is None or record["event"] != "resized":
+            return
+        from gptforge.launcher.run.resize import describe
+
+        numbers = {"world_size": record["to_world_size"],
+                   "data_parallel_size": record["to_data_parallel_size"],
+                   "num_microbatches": record["to_num_microbatches"],
+                   **{k: record[k] for k in ("lost_steps", "lost_seconds", "down_seconds")
+                      if k in record}}
+        self._mlflow.log_metrics(int(record["step"]), {k: float(v) for k, v in numbers.items()},
+                                 when=record["time"])
+        self._mlflow.put({"op": "tags", "values": {"world_size": str(record["to_world_size"]),
+                                                   "gptforge.last_resize": describe(record)}})
 
     def log_params(self, params: dict) -> None:
         if self._mlflow is not None:

@@ -93,7 +93,7 @@ def check_results(repo: Path, text: str) -> None:
     """What the README's commands say they make, made."""
     runs = repo / "runs"
     for run in ("tiny", "tp2", "pp2", "own", "sft", "zero2", "zero3", "from-zero3", "plan", "ft",
-                "s1", "m1", "m2"):
+                "s1", "elastic", "e1", "m1", "m2"):
         steps = [json.loads(ln)["step"] for ln in (runs / run / "metrics.jsonl").open()
                  if '"loss"' in ln]
         assert steps and steps[-1] == STEPS, (run, steps)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gptforge.slurm.sbatch import (JobSpec, SlurmOptionError, parse_env, parse_job_id, render,
-                                   sweep_points, time_seconds)
+from gptforge.slurm.sbatch import (JobSpec, SlurmOptionError, parse_env, parse_job_id,
+                                   parse_nodes, render, sweep_points, time_seconds)
 
 
 def spec(**kw) -> JobSpec:
@@ -63,6 +63,28 @@ def test_launcher_modes_signal_the_batch_shell_and_forward():
     subprocess.run(["bash", "-n"], input=ds, text=True, check=True)
 
 
+def test_an_elastic_job_survives_a_node_and_restarts_at_the_nodes_left():
+    """--nodes 1-2: sbatch takes 1 to 2 nodes and does not end the job when one fails; one
+    torchrun per node rendezvous for 1 to 2 nodes (c10d on the batch host), restarts at most
+    --max-restarts times, and does not share its store with the ranks."""
+    assert parse_nodes("4") == (None, 4) and parse_nodes("2-4") == (2, 4)
+    for bad in ("two", "3-2", "0-2", "2-"):
+        with pytest.raises(SlurmOptionError, match="^--nodes:"):
+            parse_nodes(bad)
+    text = render(spec(launcher="torchrun", min_nodes=1, max_restarts=7))
+    d = directives(text)
+    assert "#SBATCH --nodes=1-2" in d and "#SBATCH --no-kill" in d and "#SBATCH --requeue" in d
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text
+    launch = next(line for line in text.splitlines() if "torch.distributed.run" in line)
+    assert launch.startswith("srun --unbuffered --no-kill --kill-on-bad-exit=0 ")
+    assert "--wait" not in launch  # one node's end must not end the others' tasks
+    assert "--nnodes=1:2 --max-restarts=7 --rdzv-conf=last_call_timeout=10," in launch
+    assert '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"' in launch
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+    fixed = render(spec(launcher="torchrun", min_nodes=2))  # 2-2 is not elastic
+    assert "--no-kill" not in fixed and '--nnodes="$SLURM_NNODES"' in fixed
+
+
 def test_optional_directives_and_arrays():
     d = directives(render(spec(account="acct", qos="high", constraint="h100&ib",
                                exclusive=True, mail_user="a@b.c", cpus_per_task=12,
@@ -103,6 +125,8 @@ def test_every_user_value_is_quoted_data():
     (dict(job_name="a\nb"), "--job-name"),
     (dict(run_dir=Path("/runs/a\nb")), "run.dir"),
     (dict(max_requeues=-1), "--max-requeues"),
+    (dict(min_nodes=1, launcher="srun"), "--launcher"),  # elastic: torchrun on every node
+    (dict(min_nodes=1, launcher="torchrun", max_restarts=-1), "--max-restarts"),
 ])
 def test_bad_options_name_the_culprit(kw, culprit):
     with pytest.raises(SlurmOptionError) as err:
