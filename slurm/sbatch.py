@@ -13,7 +13,8 @@ Launchers (``--launcher``):
 - ``torchrun``: one task per node running torchrun (c10d rendezvous at MASTER_ADDR:MASTER_PORT,
   ``--signals-to-handle``); the warning signal goes to the batch shell (``B:``), which passes it
   to srun.
-- elastic (``--nodes MIN-MAX``): torchrun per node with ``--nnodes MIN:MAX``, c10d rendezvous on
+- elastic (``--nodes MIN-MAX``): MAX nodes (sbatch's own ``--nodes=MIN-MAX`` would start
+  with as few as MIN), torchrun per node with ``--nnodes MIN:MAX``, c10d rendezvous on
   the batch host (the first node: its loss ends the job in any case), ``--max-restarts``, and
   ``#SBATCH --no-kill`` with ``srun --no-kill``: a failed node no longer ends the job (Slurm's
   default on NODE_FAIL) nor the step; the ranks on the other nodes see their collective fail,
@@ -216,9 +217,8 @@ def directives(spec: JobSpec) -> list[str]:
     else:
         out = f"{_slurm_path(run)}/slurm-%j"
     sig = ("" if spec.launcher == "srun" else "B:") + f"{spec.signal}@{spec.signal_seconds}"
-    nodes = f"{spec.min_nodes}-{spec.nodes}" if spec.elastic else spec.nodes
     opts: list[tuple[str, object]] = [
-        ("job-name", spec.job_name or run.name), ("nodes", nodes),
+        ("job-name", spec.job_name or run.name), ("nodes", spec.nodes),
         ("ntasks-per-node", spec.tasks_per_node), ("partition", spec.partition),
         ("time", spec.time), ("output", out + ".out"), ("error", out + ".err"),
         ("open-mode", "append"), ("signal", sig), ("requeue", True)]
@@ -255,18 +255,20 @@ def _launch_line(spec: JobSpec) -> tuple[str, str, str]:
     if spec.launcher == "torchrun":
         sig = f"SIG{spec.signal}"
         nnodes = '"$SLURM_NNODES"'
-        if spec.elastic:  # no --wait: one node's end must not end the others
-            srun = "srun --unbuffered --no-kill --kill-on-bad-exit=0"
+        if spec.elastic:  # a step per node (see _launch_block); no --wait
+            srun = ('srun --unbuffered --no-kill --kill-on-bad-exit=0 --nodes=1 --ntasks=1 '
+                    '--nodelist="$HOST"')
             nnodes = (f'{spec.min_nodes}:{spec.nodes} --max-restarts={spec.max_restarts} '
-                      f'--rdzv-conf={_q(spec.rdzv_conf)}')
+                      f'--rdzv-conf={_q(spec.rdzv_conf)},is_host="$IS_HOST"')
         cmd = (f'{srun} --ntasks-per-node=1 "$PYTHON" -m torch.distributed.run '
                f'--nnodes={nnodes} --nproc-per-node={spec.ranks_per_node} '
                f'--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" '
                f'--rdzv-id="$SLURM_JOB_ID" --signals-to-handle={sig},SIGTERM,SIGINT '
                f'--shutdown-timeout={spec.shutdown_timeout_s} '
                f'-m gptforge.launcher.run --config "$CONFIG"')
-        fwd = f'; kill -{spec.signal} "$CHILD" 2>/dev/null'
-        return cmd, fwd, '; kill -TERM "$CHILD" 2>/dev/null'
+        ranks = '"${STEPS[@]}"' if spec.elastic else '"$CHILD"'
+        return (cmd, f'; kill -{spec.signal} {ranks} 2>/dev/null',
+                f'; kill -TERM {ranks} 2>/dev/null')
     gptforge = str(Path(spec.python).parent / "gptforge")
     # (its hostfile is written from this attempt's allocation: see pre_launch in render)
     cmd = (f'{_q(gptforge)} launch deepspeed --num-gpus={spec.ranks_per_node} '
@@ -275,6 +277,23 @@ def _launch_line(spec: JobSpec) -> tuple[str, str, str]:
     # DeepSpeed's launcher passes no USR1 on and reaches other nodes over ssh: the signal is
     # only noted here (preemptible DeepSpeed jobs: --launcher srun with parallel.engine=deepspeed)
     return cmd, '; echo "[gptforge] (not passed on to the DeepSpeed launcher)"', ""
+
+
+def _launch_block(spec: JobSpec, launch: str) -> str:
+    """Start the launch in the background as CHILD. Elastic: one srun step per node (a failed
+    node's step is killed by Slurm, and a step that loses a node dies whole even with
+    ``--no-kill``, so each node has its own); CHILD is the batch host's, whose agent holds the
+    rendezvous store (``is_host``, said rather than guessed from host names) and whose exit
+    code is the job's; the traps signal every step."""
+    if not spec.elastic:
+        return f"{launch} &\nCHILD=$!"
+    return ("STEPS=()\n"
+            'for HOST in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do\n'
+            '    IS_HOST=false; [[ $HOST == "$MASTER_ADDR" ]] && IS_HOST=true  # the store\n'
+            f"    {launch} &\n"
+            "    STEPS+=($!)\n"
+            "done\n"
+            "CHILD=${STEPS[0]}  # the batch host's step")
 
 
 def render(spec: JobSpec, what: str = "") -> str:
@@ -292,7 +311,8 @@ def render(spec: JobSpec, what: str = "") -> str:
         array_block=array_block,
         env_exports="\n".join(f"export {k}={_q(v)}" for k, v in [
             *(ELASTIC_AGENT_ENV.items() if spec.elastic else ()), *spec.env]),
-        forward_usr1=fwd_usr1, forward_term=fwd_term, launch=launch, signal=spec.signal,
+        forward_usr1=fwd_usr1, forward_term=fwd_term, launch_block=_launch_block(spec, launch),
+        signal=spec.signal,
         pre_launch='rm -f "$RUN_DIR/hostfile"  # written from this allocation by the launcher\n'
         if spec.launcher == "deepspeed" else "")
     return text

@@ -6,6 +6,7 @@ run is one MLflow run, FINISHED."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -22,8 +23,10 @@ from gptforge.data.state import doc_order, epoch_items
 from gptforge.data.synthetic import write_token_dataset
 from gptforge.launcher.run.checkpoint import format as ck
 from tests.conftest import ROOT, TINY, child_pids, metrics
+from tests.services import slurm_cluster
 
 pytestmark = pytest.mark.slow
+__all__ = ["slurm_cluster"]  # the fixture, imported for pytest
 GPTFORGE = str(Path(sys.executable).parent / "gptforge")
 TRAIN_ITERS = 90
 PACE_S = 0.2  # a step of the tiny model takes milliseconds: time to lose and add a node
@@ -203,3 +206,92 @@ def test_a_node_lost_and_one_back_the_run_goes_on_as_the_same_training(corpus, t
     assert sizes == {s1: 1.0, s2: 2.0}
     assert runs[0].data.tags["gptforge.last_resize"].startswith(
         f"resized at step {s2}: world size 1 -> 2")
+
+
+# ---------------------------------------------------------------- on Slurm
+
+
+def steps_on(job: str, node: str) -> list[str]:
+    """The step ids of ``job`` running on ``node`` (an elastic job has one per node)."""
+    out = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i %N"], capture_output=True,
+                         text=True, timeout=60).stdout
+    return [line.split()[0] for line in out.splitlines()
+            if line.split()[1:] == [node] and not line.split()[0].endswith(".batch")]
+
+
+def descendants(pid: int) -> list[int]:
+    found = [pid]
+    for child in child_pids(pid):
+        found += descendants(child)
+    return found
+
+
+def kill_node(job: str, node: str) -> None:
+    """``node`` dies under ``job``: SIGKILL its step (slurmstepd, torchrun, the rank; two Slurm
+    "nodes" share this host, so its slurmd is left), then Slurm is told, as it would conclude
+    of a node that stopped answering: ``scontrol update NodeName=<node> State=DOWN``."""
+    (step,) = steps_on(job, node)
+    out = subprocess.run(["pgrep", "-f", rf"^slurmstepd: \[{step}\]"], capture_output=True,
+                         text=True).stdout.split()
+    assert out, f"no slurmstepd for step {step}"
+    for pid in [p for stepd in out for p in descendants(int(stepd))]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DOWN",
+                    "Reason=gptforge test: node lost"], check=True, timeout=60)
+
+
+def test_an_elastic_slurm_job_loses_a_node_and_finishes_on_the_other(slurm_cluster, corpus,
+                                                                      tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.services import gptforge, job_id, job_output  # noqa: F811
+
+    shards, docs = corpus
+    run_dir = tmp_path / "runs" / "elastic"
+    # a wider model than tiny.yaml's (a step of ~0.1 s), so that the node dies mid-run
+    args = [*train_args(shards, run_dir, "--model.hidden_size=256"),
+            "--train.train_iters=60", "--logging.mlflow=true"]
+    gptforge("launch", "slurm", *args, "--nodes", "1-2", "--gpus-per-node", "0",
+             "--partition", "debug", "--time", "00:10:00", "--submit", check=True)
+    job = job_id(run_dir)
+    try:
+        deadline = time.monotonic() + 180
+        while last_step(run_dir) < 10:
+            assert time.monotonic() < deadline, job_output(run_dir)[-3000:]
+            time.sleep(0.2)
+        kill_node(job, "n2")
+        waited = gptforge("launch", "status", run_dir, "--wait", "--json", timeout=600)
+    finally:
+        subprocess.run(["scontrol", "update", "NodeName=n2", "State=RESUME"],
+                       capture_output=True, timeout=60)  # (for the tests after this one)
+    out = job_output(run_dir)
+    assert waited.returncode == 0 and json.loads(waited.stdout)["state"] == "COMPLETED", out
+    assert "#SBATCH --no-kill" in (run_dir / "job.sbatch").read_text()
+    (shrink,) = [r for r in metrics(run_dir) if r.get("event") == "resized"]
+    s1 = shrink["step"]
+    assert (shrink["from_world_size"], shrink["to_world_size"]) == (2, 1), shrink
+    assert (shrink["from_num_microbatches"], shrink["to_num_microbatches"]) == (2, 4)
+    assert s1 % 4 == 0 and 8 <= s1 < 60 and "TP=1 PP=1 DP=1" in out
+
+    records = metrics(run_dir)
+    at = records.index(shrink)
+    elastic_dp1 = losses_between(records, at, len(records))
+    assert sorted(elastic_dp1) == list(range(s1 + 1, 61))
+    plain = [*train_args(shards, run_dir, "--model.hidden_size=256"), "--train.train_iters=60"]
+    dp1 = reference(plain, run_dir / "checkpoints" / ck.step_name(s1), tmp_path / "ref", 1)
+    for step, loss in elastic_dp1.items():
+        assert loss == pytest.approx(dp1[step], rel=1e-5, abs=1e-6), step
+
+    ckpts = run_dir / "checkpoints"
+    per_step = consumed_tokens(ck.read_manifest(ckpts / ck.step_name(4))["data"]
+                               ["loader_state"], docs) / 4
+    for step in (s1, 60):
+        state = ck.read_manifest(ckpts / ck.step_name(step))["data"]["loader_state"]
+        assert consumed_tokens(state, docs) == per_step * step, step
+
+    client = MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("gptforge").experiment_id])
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("elastic", "FINISHED")]

@@ -64,7 +64,7 @@ def test_launcher_modes_signal_the_batch_shell_and_forward():
 
 
 def test_an_elastic_job_survives_a_node_and_restarts_at_the_nodes_left():
-    """--nodes 1-2: sbatch takes 1 to 2 nodes and does not end the job when one fails; one
+    """--nodes 1-2: the job starts on 2 nodes and does not end when one fails; one
     torchrun per node rendezvous for 1 to 2 nodes (c10d on the batch host), restarts at most
     --max-restarts times, and does not share its store with the ranks."""
     assert parse_nodes("4") == (None, 4) and parse_nodes("2-4") == (2, 4)
@@ -73,13 +73,20 @@ def test_an_elastic_job_survives_a_node_and_restarts_at_the_nodes_left():
             parse_nodes(bad)
     text = render(spec(launcher="torchrun", min_nodes=1, max_restarts=7))
     d = directives(text)
-    assert "#SBATCH --nodes=1-2" in d and "#SBATCH --no-kill" in d and "#SBATCH --requeue" in d
+    assert "#SBATCH --nodes=2" in d and "#SBATCH --no-kill" in d and "#SBATCH --requeue" in d
     assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text
     launch = next(line for line in text.splitlines() if "torch.distributed.run" in line)
-    assert launch.startswith("srun --unbuffered --no-kill --kill-on-bad-exit=0 ")
+    # a step per node: Slurm kills a failed node's step, and a step that loses a node dies
+    # whole; the batch host's agent holds the rendezvous store, the job ends with its step
+    assert 'for HOST in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do' in text
+    assert 'IS_HOST=false; [[ $HOST == "$MASTER_ADDR" ]] && IS_HOST=true' in text
+    assert launch.strip().startswith("srun --unbuffered --no-kill --kill-on-bad-exit=0 "
+                                     '--nodes=1 --ntasks=1 --nodelist="$HOST" ')
     assert "--wait" not in launch  # one node's end must not end the others' tasks
     assert "--nnodes=1:2 --max-restarts=7 --rdzv-conf=last_call_timeout=10," in launch
+    assert ',is_host="$IS_HOST"' in launch
     assert '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"' in launch
+    assert "CHILD=${STEPS[0]}" in text and 'kill -USR1 "${STEPS[@]}"' in text
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
     fixed = render(spec(launcher="torchrun", min_nodes=2))  # 2-2 is not elastic
     assert "--no-kill" not in fixed and '--nnodes="$SLURM_NNODES"' in fixed
