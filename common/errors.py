@@ -11,7 +11,11 @@ from __future__ import annotations
 
 
 class UserError(ValueError):
-    """Something the user can fix; the message names the key, file, directory or rank at fault."""
+    """Something the user can fix; the message names the key, file, directory or rank at fault.
+    ``consequence``: it follows from another rank's failure (a lost connection), which is the
+    one to report when that rank's own failure is known."""
+
+    consequence = False
 
 
 class ConfigError(UserError):

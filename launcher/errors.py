@@ -87,6 +87,7 @@ def report(exc: BaseException, rank: int | None = None, world_size: int = 1,
         return code
     if error_dir and rank is not None:
         record = {"time": time.time(), "rank": rank, "line": line, "user_error": code == 2,
+                  "consequence": bool(getattr(exc, "consequence", False)),
                   "traceback": traceback.format_exc()}
         try:
             Path(error_dir, f"rank-{rank}.json").write_text(json.dumps(record))

@@ -120,11 +120,18 @@ def _describe_exit(rank: int, code: int) -> str:
 
 def _failure_line(group: RankGroup, first_rank: int, first_code: int) -> str:
     """A user error anywhere explains the others' broken connections; else the rank that
-    failed first, in its own words if it left any."""
+    failed first, in its own words if it left any. A rank whose words are only that it lost
+    another (a ``consequence``) gives way to a rank that ended without any (killed)."""
     records = group.error_records()
-    users = sorted((r for r in records.values() if r.get("user_error")), key=lambda r: r["time"])
+    users = sorted((r for r in records.values() if r.get("user_error")
+                    and not r.get("consequence")), key=lambda r: r["time"])
     if users:
         return users[0]["line"]
+    codes = group.codes()
+    silent = [r for r, code in enumerate(codes) if r not in records
+              and code not in (None, EXIT_OK, EXIT_CHECKPOINTED)]
+    if records.get(first_rank, {}).get("consequence") and silent:
+        return f"gptforge: error: {_describe_exit(silent[0], codes[silent[0]])}"
     if first_rank in records:
         return records[first_rank]["line"]
     return f"gptforge: error: {_describe_exit(first_rank, first_code)}"

@@ -32,6 +32,8 @@ class CollectiveTimeout(UserError):
 class PeerLost(UserError):
     """A collective's connection to another rank broke: that rank (or its node) is gone."""
 
+    consequence = True
+
 
 _TIMEOUT_TEXT = re.compile(r"timed out|timeout", re.IGNORECASE)
 _PEER_LOST_TEXT = re.compile(r"connection (reset|closed) by peer|broken pipe", re.IGNORECASE)

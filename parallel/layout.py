@@ -57,8 +57,11 @@ def derive_layout(parallel: ParallelConfig, *, world_size: int, num_layers: int,
     vpp = parallel.virtual_pipeline_model_parallel_size
     _check_positive([("parallel.tensor_model_parallel_size", tp),
                      ("parallel.pipeline_model_parallel_size", pp),
-                     ("parallel.distributed_timeout_minutes", parallel.distributed_timeout_minutes),
                      ("world size (--nproc-per-node x nodes)", world_size)])
+    if not parallel.distributed_timeout_minutes > 0:
+        raise ConfigError("parallel.distributed_timeout_minutes",
+                          f"must be > 0 (fractions allowed: 0.5 is 30 s), got "
+                          f"{parallel.distributed_timeout_minutes}")
     if num_attention_heads % tp:
         raise ConfigError("model.num_attention_heads", f"{num_attention_heads} heads are not "
                           f"divisible by parallel.tensor_model_parallel_size={tp}")

@@ -1,8 +1,10 @@
 """Elastic training: two torchrun agents on 127.0.0.1 act as two nodes (``--nnodes 1:2``, c10d
 rendezvous). One is SIGKILLed mid-run (agent and rank: a node lost), the survivor goes on at DP=1;
-later a new agent joins (a node back) and both go on at DP=2. Every step after each restart
-equals a run resumed from the same checkpoint at that size; the data are read exactly once; the
-run is one MLflow run, FINISHED."""
+later a new agent joins (a node back) and both go on at DP=2; then that one hangs (SIGSTOP) and
+the survivor's collective gives up after parallel.distributed_timeout_minutes, not never. Every
+step after each restart equals a run resumed from the same checkpoint at that size; the data are
+read exactly once; the run is one MLflow run, FINISHED. On Slurm: a node of an elastic job dies
+and is set DOWN; the job finishes on the other."""
 
 from __future__ import annotations
 
@@ -28,12 +30,13 @@ from tests.services import slurm_cluster
 pytestmark = pytest.mark.slow
 __all__ = ["slurm_cluster"]  # the fixture, imported for pytest
 GPTFORGE = str(Path(sys.executable).parent / "gptforge")
-TRAIN_ITERS = 90
+TRAIN_ITERS = 120
+TIMEOUT_MIN = 0.5  # how long a collective waits for a hung rank
 PACE_S = 0.2  # a step of the tiny model takes milliseconds: time to lose and add a node
 # a lost agent is dropped after 3 missed 1-second heartbeats; a round closes 2 s after the
 # fewest nodes (1) have joined
 RDZV_CONF = "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3"
-DOCS = 100
+DOCS = 140
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +64,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_agent(name: str, args: list[str], port: int, logs: Path) -> subprocess.Popen:
-    """One "node": a torchrun agent with one rank, as the README's elastic example runs it."""
+def start_agent(name: str, args: list[str], port: int, logs: Path, *,
+                is_host: bool = False) -> subprocess.Popen:
+    """One "node": a torchrun agent with one rank, as the README's elastic example runs it.
+    ``is_host``: its agent holds the rendezvous store (every agent here is on the endpoint's
+    host: left to guess, the first to bind would, and it may be one the test kills)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2",
            "--nproc-per-node", "1", "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "elastic-test",
-           "--rdzv-conf", RDZV_CONF, "--max-restarts", "5", "--monitor-interval", "0.5",
+           "--rdzv-conf", f"{RDZV_CONF},is_host={str(is_host).lower()}",
+           "--max-restarts", "5", "--monitor-interval", "0.5",
            "-m", "tests.integration.paced_rank", str(PACE_S), *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(logs / f"{name}.log", "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -87,11 +94,11 @@ def wait_for(what: str, check, agents, logs: Path, timeout_s: float = 240):
     pytest.fail(f"no {what} within {timeout_s} s\n{tails}")
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL an agent and its rank: the node is gone."""
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """SIGKILL an agent and its rank: the node is gone (SIGSTOP: it hangs)."""
     for p in [pid, *child_pids(pid)]:
         try:
-            os.kill(p, signal.SIGKILL)
+            os.kill(p, sig)
         except ProcessLookupError:
             pass
 
@@ -138,13 +145,14 @@ def reference(args: list[str], checkpoint: Path, run_dir: Path, nproc: int) -> d
     return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
 
 
-def test_a_node_lost_and_one_back_the_run_goes_on_as_the_same_training(corpus, tmp_path):
+def test_a_node_lost_one_back_and_one_hung_the_run_goes_on_as_the_same_training(corpus, tmp_path):
     shards, docs = corpus
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
-    args = train_args(shards, run_dir, "--logging.mlflow=true")
+    args = train_args(shards, run_dir, "--logging.mlflow=true",
+                      f"--parallel.distributed_timeout_minutes={TIMEOUT_MIN}")
     port = free_port()
-    a = start_agent("a", args, port, logs)
+    a = start_agent("a", args, port, logs, is_host=True)
     b = start_agent("b", args, port, logs)
     agents = [a, b]
     wait_for("step 9 at DP=2", lambda: last_step(run_dir) >= 9, agents, logs)
@@ -156,8 +164,16 @@ def test_a_node_lost_and_one_back_the_run_goes_on_as_the_same_training(corpus, t
     agents.append(c)
     _, grow = wait_for("a resize to DP=2", lambda: resized(run_dir, 2), agents, logs)
     s2 = grow["step"]
-    for agent in (a, c):
-        assert agent.wait(timeout=300) == 0, (logs / "a.log").read_text()[-3000:]
+    wait_for(f"step {s2 + 6} at DP=2", lambda: last_step(run_dir) >= s2 + 6, agents, logs)
+    kill_tree(c.pid, signal.SIGSTOP)  # that node hangs (a stuck filesystem, a debugger)
+    *_, hung = wait_for("a resize to DP=1 again", lambda: resized(run_dir, 3), agents, logs)
+    s3 = hung["step"]
+    assert a.wait(timeout=300) == 0, (logs / "a.log").read_text()[-3000:]
+    kill_tree(c.pid)
+    a_log = (logs / "a.log").read_text()
+    assert f"waited parallel.distributed_timeout_minutes={TIMEOUT_MIN:g} for a rank" in a_log
+    # noticed after the timeout, then the rendezvous and a start: never a hang
+    assert TIMEOUT_MIN * 60 <= hung["down_seconds"] < TIMEOUT_MIN * 60 + 60, hung
 
     # the events: sizes, micro-batches (the global batch kept), the work lost
     assert {k: shrink[k] for k in ("from_world_size", "to_world_size", "from_num_microbatches",
@@ -168,29 +184,29 @@ def test_a_node_lost_and_one_back_the_run_goes_on_as_the_same_training(corpus, t
         (1, 2, 2)
     assert s1 % 4 == 0 and s1 >= 8 and shrink["lost_steps"] >= 1 and shrink["lost_seconds"] > 0
     assert grow["lost_steps"] == 0  # the joining node's restart checkpoints first (SIGTERM)
-    assert s1 + 6 <= s2 < TRAIN_ITERS
+    assert s1 + 6 <= s2 < s3 < TRAIN_ITERS and (hung["from_world_size"], hung["to_world_size"]) \
+        == (2, 1)
 
     # every step after each restart equals a run resumed from that checkpoint at that size
     records = metrics(run_dir)
     at = [i for i, r in enumerate(records) if r.get("event") == "resized"]
-    elastic_dp1 = losses_between(records, at[0], at[1])
-    elastic_dp2 = losses_between(records, at[1], len(records))
-    assert sorted(elastic_dp1) == list(range(s1 + 1, s2 + 1))
-    assert sorted(elastic_dp2) == list(range(s2 + 1, TRAIN_ITERS + 1))
+    segments = [losses_between(records, at[0], at[1]), losses_between(records, at[1], at[2]),
+                losses_between(records, at[2], len(records))]
+    assert sorted(segments[0]) == list(range(s1 + 1, s2 + 1))
+    assert sorted(segments[1])[0] == s2 + 1 and max(segments[1]) >= s3
+    assert sorted(segments[2]) == list(range(s3 + 1, TRAIN_ITERS + 1))
     ckpts = run_dir / "checkpoints"
     plain = train_args(shards, run_dir)
-    dp1 = reference(plain, ckpts / ck.step_name(s1), tmp_path / "ref1", 1)
-    dp2 = reference(plain, ckpts / ck.step_name(s2), tmp_path / "ref2", 2)
-    for step, loss in elastic_dp1.items():
-        assert loss == pytest.approx(dp1[step], rel=1e-5, abs=1e-6), step
-    for step, loss in elastic_dp2.items():
-        assert loss == pytest.approx(dp2[step], rel=1e-5, abs=1e-6), step
+    for i, (start, nproc) in enumerate(((s1, 1), (s2, 2), (s3, 1))):
+        resumed = reference(plain, ckpts / ck.step_name(start), tmp_path / f"ref{i}", nproc)
+        for step, loss in segments[i].items():
+            assert loss == pytest.approx(resumed[step], rel=1e-5, abs=1e-6), (i, step)
 
     # each sample read once: the loader state's position grows by one global batch a step,
     # across both resizes (a repeat or a skip would move it off the line)
     per_step = consumed_tokens(ck.read_manifest(ckpts / ck.step_name(4))["data"]
                                ["loader_state"], docs) / 4
-    for step in (s1, s2, TRAIN_ITERS):
+    for step in (s1, s2, s3, TRAIN_ITERS):
         state = ck.read_manifest(ckpts / ck.step_name(step))["data"]["loader_state"]
         assert consumed_tokens(state, docs) == per_step * step, step
     assert per_step == 8 * 64  # a global batch: 8 samples of seq_length tokens
@@ -203,9 +219,9 @@ def test_a_node_lost_and_one_back_the_run_goes_on_as_the_same_training(corpus, t
     assert [(r.info.run_name, r.info.status) for r in runs] == [("run", "FINISHED")]
     sizes = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id,
                                                                 "world_size")}
-    assert sizes == {s1: 1.0, s2: 2.0}
+    assert sizes == {s1: 1.0, s2: 2.0, s3: 1.0}
     assert runs[0].data.tags["gptforge.last_resize"].startswith(
-        f"resized at step {s2}: world size 1 -> 2")
+        f"resized at step {s3}: world size 2 -> 1")
 
 
 # ---------------------------------------------------------------- on Slurm

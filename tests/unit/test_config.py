@@ -146,3 +146,14 @@ def test_gptforge_train_iters_shortens_every_training_and_a_bad_value_is_named(m
     monkeypatch.setenv("GPTFORGE_TRAIN_ITERS", "0")
     with pytest.raises(ConfigError, match="GPTFORGE_TRAIN_ITERS.*got '0'"):
         parse_train_args([], prog="gptforge train")
+
+
+def test_the_collective_timeout_takes_fractions_of_a_minute_but_not_zero():
+    cfg = load_config([TINY], ["--parallel.distributed_timeout_minutes=0.25"])
+    assert cfg.parallel.distributed_timeout_minutes == 0.25
+    validate(cfg, 1)
+    for bad in ("0", "-1"):
+        cfg = load_config([TINY], [f"--parallel.distributed_timeout_minutes={bad}"])
+        with pytest.raises(ConfigError, match=r"^parallel.distributed_timeout_minutes: must be "
+                                              r"> 0 \(fractions allowed"):
+            validate(cfg, 1)
