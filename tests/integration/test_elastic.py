@@ -94,9 +94,17 @@ def wait_for(what: str, check, agents, logs: Path, timeout_s: float = 240):
     pytest.fail(f"no {what} within {timeout_s} s\n{tails}")
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it (collected before any is signalled)."""
+    found = [pid]
+    for child in child_pids(pid):
+        found += descendants(child)
+    return found
+
+
 def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
     """SIGKILL an agent and its rank: the node is gone (SIGSTOP: it hangs)."""
-    for p in [pid, *child_pids(pid)]:
+    for p in descendants(pid):
         try:
             os.kill(p, sig)
         except ProcessLookupError:
@@ -235,13 +243,6 @@ def steps_on(job: str, node: str) -> list[str]:
             if line.split()[1:] == [node] and not line.split()[0].endswith(".batch")]
 
 
-def descendants(pid: int) -> list[int]:
-    found = [pid]
-    for child in child_pids(pid):
-        found += descendants(child)
-    return found
-
-
 def kill_node(job: str, node: str) -> None:
     """``node`` dies under ``job``: SIGKILL its step (slurmstepd, torchrun, the rank; two Slurm
     "nodes" share this host, so its slurmd is left), then Slurm is told, as it would conclude
@@ -250,11 +251,8 @@ def kill_node(job: str, node: str) -> None:
     out = subprocess.run(["pgrep", "-f", rf"^slurmstepd: \[{step}\]"], capture_output=True,
                          text=True).stdout.split()
     assert out, f"no slurmstepd for step {step}"
-    for pid in [p for stepd in out for p in descendants(int(stepd))]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    for stepd in out:
+        kill_tree(int(stepd))
     subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DOWN",
                     "Reason=gptforge test: node lost"], check=True, timeout=60)
 
