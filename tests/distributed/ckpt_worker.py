@@ -274,6 +274,7 @@ def case_bad_input(spec, out: Path, common):
                 other.offset += len(evil) - info.length
         info.length = len(evil)
         (d / ".metadata").write_bytes(pickle.dumps(md))
+        results["object_item_file"] = path.name  # (the metadata's order: either rank's file)
 
     edits = {
         "missing_shard": lambda d: biggest_shard(d).unlink(),
