@@ -1,29 +1,13 @@
 """The planner: which layouts of a model fit a cluster, and how fast each trains.
 
 ``plan(request)`` enumerates tensor / pipeline / virtual-pipeline / data parallel sizes, the
-optimizer's sharding (megatron's distributed optimizer, or a DeepSpeed ZeRO stage), activation
-recompute and the micro-batch size; every candidate goes through ``derive_layout`` (the trainer's
-own checks), gets a per-device memory estimate (``plan_memory.py``, ``zero_memory.py``) and a
-step-time estimate, and the ones that fit are ranked by step time.
-
-Step time, per step and device, assumes no overlap of communication with compute (the megatron
-engine runs with overlap_grad_reduce off):
-- compute: model FLOPs (``model/flops.py``) plus recompute's extra forward, over the device's
-  dense peak times its achievable fraction, spread evenly over all devices;
-- pipeline bubble: compute × (p - 1) / (v·m);
-- TP: per layer and micro-batch 4 all-reduces of s·b·h (2 forward, 2 backward; with sequence
-  parallelism all-gather + reduce-scatter pairs of the same volume; 2 more with full recompute),
-  each moving 2·(t - 1)/t of its size per device, over the intra-node bandwidth (TP stays
-  inside a node);
-- PP: per micro-batch and chunk, the activation forward and its gradient backward (s·b·h/t with
-  SP), over the intra-node bandwidth when a whole model replica fits in a node, else inter-node;
-- DP: megatron DDP all-reduces the fp32 grad buffer (2·(d - 1)/d·4Ψ); the distributed optimizer
-  reduce-scatters it and all-gathers the parameters ((d - 1)/d·(4 + param bytes)·Ψ); ZeRO 1/2
-  reduce-scatter and all-gather half-precision tensors, ZeRO 3 gathers parameters twice (forward
-  and backward); inter-node when TP × DP spans more than one node (megatron's rank order puts TP
-  innermost, then DP, then PP);
-- a fixed cost per micro-batch and chunk where the cluster shape states one (CPU).
-Layouts of equal time rank by memory, the one with more to spare first.
+optimizer's sharding (megatron's distributed optimizer, or a DeepSpeed ZeRO stage with or without
+offload), activation recompute and the micro-batch size, keeping those the request pins
+(``Pins``); every candidate goes through ``derive_layout`` (the trainer's own checks), gets a
+per-device memory estimate (``memory.py``, ``zero_memory.py``) and a step-time estimate
+(``timing.py``, ``compute.py``), and the ones that fit are ranked by step time; layouts of equal
+time rank by memory, the one with more to spare first. ``min_nodes`` answers "how many nodes
+would it take" when nothing fits.
 """
 
 from __future__ import annotations
@@ -32,11 +16,13 @@ import itertools
 from dataclasses import dataclass, field
 
 from gptforge.model.config import ModelConfig, num_query_groups
+from gptforge.model.config import default_ffn_hidden_size
 from gptforge.model.flops import attention_flops_per_token, flops_per_token, matmul_params_per_layer
 from gptforge.parallel.config import DTYPES, ParallelConfig
 from gptforge.common.errors import ConfigError
 from gptforge.parallel.layout import Layout, derive_layout
 from gptforge.parallel.plan.clusters import ClusterShape
+from gptforge.parallel.plan.timing import StepShape, TimeEstimate, step_time
 from gptforge.parallel.plan.memory import ActivationShape, rank_activation_memory
 from gptforge.parallel.plan.params import RankShape, rank_param_count, stage_ranks
 from gptforge.parallel.plan.zero_memory import model_state_bytes, model_state_bytes_megatron
@@ -44,6 +30,35 @@ from gptforge.parallel.plan.zero_memory import model_state_bytes, model_state_by
 RECOMPUTE_MODES = ("none", "selective", "full")
 MICRO_BATCH_SIZES = (1, 2, 4, 8, 16)
 MAX_VIRTUAL_STAGES = 8
+
+
+@dataclass(frozen=True)
+class Pins:
+    """Choices the user fixed (None: the planner picks)."""
+
+    tp: int | None = None
+    pp: int | None = None
+    vpp: int | None = None  # 1: no interleaving
+    micro_batch_size: int | None = None
+    recompute: str | None = None
+    zero_stage: int | None = None  # deepspeed
+    use_distributed_optimizer: bool | None = None  # megatron
+    sequence_parallel: bool | None = None
+    offload_optimizer: bool | None = None
+    offload_param: bool | None = None
+    overlap: bool | None = None  # overlap DP communication (the engines' default: on)
+
+    def admit(self, c: "Candidate") -> bool:
+        checks = ((self.tp, c.tensor_model_parallel_size),
+                  (self.pp, c.pipeline_model_parallel_size),
+                  (self.vpp, c.virtual_pipeline_model_parallel_size or 1),
+                  (self.micro_batch_size, c.micro_batch_size), (self.recompute, c.recompute),
+                  (self.zero_stage, c.zero_stage),
+                  (self.use_distributed_optimizer, c.use_distributed_optimizer),
+                  (self.sequence_parallel, c.sequence_parallel),
+                  (self.offload_optimizer, c.offload_optimizer),
+                  (self.offload_param, c.offload_param), (self.overlap, c.overlap))
+        return all(want is None or want == got for want, got in checks)
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,7 @@ class PlanRequest:
     global_batch_size: int
     engine: str = "megatron"  # or "deepspeed" (ZeRO over DP, TP without SP, no PP)
     dtype: str | None = None  # fp32 / bf16 / fp16; None: the cluster's
+    pins: Pins = field(default_factory=Pins)
 
     @property
     def world_size(self) -> int:
@@ -77,24 +93,36 @@ class Candidate:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False  # megatron
     zero_stage: int | None = None  # deepspeed
+    offload_optimizer: bool = False  # deepspeed, stage >= 1
+    offload_param: bool = False  # deepspeed, stage 3
+    overlap: bool = True  # DP communication overlapped with compute
 
     def parallel_config(self, engine: str) -> ParallelConfig:
+        extra = {}
+        if self.zero_stage is not None:
+            extra = {"zero_stage": self.zero_stage,
+                     "offload_optimizer": "cpu" if self.offload_optimizer else "none",
+                     "offload_param": "cpu" if self.offload_param else "none"}
         return ParallelConfig(
             tensor_model_parallel_size=self.tensor_model_parallel_size,
             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
             sequence_parallel=self.sequence_parallel,
             use_distributed_optimizer=self.use_distributed_optimizer,
-            recompute=self.recompute, engine=engine)
+            recompute=self.recompute, engine=engine, **extra)
 
     def optimizer_label(self) -> str:
         if self.zero_stage is not None:
-            return f"zero-{self.zero_stage}"
+            offload = ("+offload-opt" if self.offload_optimizer else "") + \
+                      ("+offload-param" if self.offload_param else "")
+            return f"zero-{self.zero_stage}{offload}"
         return "distopt" if self.use_distributed_optimizer else "ddp"
 
 
-MEMORY_TERMS = ("params", "grads", "optimizer", "activations", "working", "allocator", "runtime")
+MEMORY_TERMS = ("params", "grads", "optimizer", "live", "activations", "working", "allocator",
+                "runtime")
 TERM_NAMES = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer states",
+              "live": "gathered parameters (ZeRO-3)",
               "activations": "activations", "working": "backward working set",
               "allocator": "allocator overhead", "runtime": "runtime"}
 
@@ -112,40 +140,21 @@ class MemoryEstimate:
     working: int  # transient peak of the backward beyond the stored activations
     allocator: int
     runtime: int
-    host: int = 0  # offloaded to CPU memory (not counted in total)
+    live: int = 0  # ZeRO-3: the gathered layer's parameters and gradients
+    host: int = 0  # offloaded to CPU memory per device (not counted in total)
 
     @property
     def tensors(self) -> int:
         """What the model's tensors need at the peak (calibrated against measured memory)."""
-        return self.params + self.grads + self.optimizer + self.activations + self.working
+        return (self.params + self.grads + self.optimizer + self.live + self.activations
+                + self.working)
 
     @property
     def total(self) -> int:
         return self.tensors + self.allocator + self.runtime
 
-    def overflow(self, capacity: int) -> tuple[str, int]:
-        """The term whose addition first exceeds ``capacity``, and the total's excess."""
-        running = 0
-        for term in MEMORY_TERMS:
-            running += getattr(self, term)
-            if running > capacity:
-                return term, self.total - capacity
-        return "", 0
-
-
-@dataclass(frozen=True)
-class TimeEstimate:
-    compute_s: float
-    bubble_s: float
-    tp_comm_s: float
-    pp_comm_s: float
-    dp_comm_s: float
-    overhead_s: float = 0.0  # the cluster's fixed cost per micro-batch (and chunk)
-
-    @property
-    def step_s(self) -> float:
-        return (self.compute_s + self.bubble_s + self.tp_comm_s + self.pp_comm_s + self.dp_comm_s
-                + self.overhead_s)
+    def largest_term(self) -> str:
+        return max(MEMORY_TERMS, key=lambda term: getattr(self, term))
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,9 @@ class PlanEntry:
     fits: bool
     tokens_per_s: float
     mfu: float
+    tflops_per_gpu: float  # model FLOPs (recompute not counted), as training reports
+    hardware_tflops_per_gpu: float  # recompute counted
+    host_fits: bool = True  # offloaded states fit the nodes' host memory
 
 
 @dataclass
@@ -189,27 +201,52 @@ def _virtual_sizes(num_layers: int, pp: int) -> list[int | None]:
                      if per_stage % v == 0]
 
 
-def candidates(request: PlanRequest):
+def _deepspeed_states():
+    """(stage, offload_optimizer, offload_param) the deepspeed engine can run."""
+    for stage in (0, 1, 2, 3):
+        yield stage, False, False
+        if stage >= 1:
+            yield stage, True, False
+        if stage == 3:
+            yield stage, True, True
+
+
+def _all_candidates(request: PlanRequest):
     m, world = request.model, request.world_size
+    overlaps = (True, False) if request.pins.overlap is False else (True,)
     if request.engine == "deepspeed":
         # the deepspeed engine runs TP through megatron's layers, without pipeline or SP
-        for tp, mbs, recompute, stage in itertools.product(
-                _tensor_sizes(request), MICRO_BATCH_SIZES, RECOMPUTE_MODES, (0, 1, 2, 3)):
+        for tp, mbs, recompute, (stage, off_opt, off_param), overlap in itertools.product(
+                _tensor_sizes(request), MICRO_BATCH_SIZES, RECOMPUTE_MODES, _deepspeed_states(),
+                overlaps):
             if world % tp == 0:
-                yield Candidate(tp, 1, None, mbs, recompute, zero_stage=stage)
+                yield Candidate(tp, 1, None, mbs, recompute, zero_stage=stage,
+                                offload_optimizer=off_opt, offload_param=off_param,
+                                overlap=overlap)
         return
+    sp_choices = (True, False) if request.pins.sequence_parallel is False else (True,)
     for tp in _tensor_sizes(request):
         for pp in _divisors(m.num_layers):
             if world % (tp * pp):
                 continue
-            for vpp, mbs, recompute, distopt in itertools.product(
+            for vpp, mbs, recompute, distopt, sp, overlap in itertools.product(
                     _virtual_sizes(m.num_layers, pp), MICRO_BATCH_SIZES, RECOMPUTE_MODES,
-                    (False, True)):
+                    (False, True), sp_choices, overlaps):
                 if distopt and world // (tp * pp) == 1:
                     continue  # nothing to shard over
-                # sequence parallelism whenever TP > 1: less memory, the same traffic
-                yield Candidate(tp, pp, vpp, mbs, recompute, sequence_parallel=tp > 1,
-                                use_distributed_optimizer=distopt)
+                # sequence parallelism whenever TP > 1 unless pinned off: less memory, the
+                # same traffic
+                yield Candidate(tp, pp, vpp, mbs, recompute, sequence_parallel=sp and tp > 1,
+                                use_distributed_optimizer=distopt, overlap=overlap)
+
+
+def candidates(request: PlanRequest):
+    """Every layout the engine could run that the request's pins admit."""
+    seen = set()
+    for c in _all_candidates(request):
+        if c not in seen and request.pins.admit(c):
+            seen.add(c)
+            yield c
 
 
 def derive(request: PlanRequest, candidate: Candidate) -> Layout:
@@ -231,12 +268,25 @@ def _dtype_bytes(dtype: str) -> int:
     return DTYPES[dtype].itemsize
 
 
+def largest_layer_params(model: ModelConfig, tp: int, padded_vocab_size: int) -> int:
+    """The most parameters one module holds (what ZeRO-3 gathers at once): the embedding or
+    logit layer, or the MLP's first linear layer."""
+    h = model.hidden_size
+    fc1 = h * default_ffn_hidden_size(model) * (2 if model.activation == "swiglu" else 1)
+    return max(padded_vocab_size * h, fc1) // tp
+
+
 def _state_bytes(request: PlanRequest, candidate: Candidate, layout: Layout,
                  num_params: int) -> dict:
     mixed = request.precision != "fp32"
     if candidate.zero_stage is not None:
+        largest = largest_layer_params(request.model, layout.tensor_model_parallel_size,
+                                       layout.padded_vocab_size)
         return model_state_bytes(num_params, dp_size=layout.data_parallel_size,
-                                 zero_stage=candidate.zero_stage, mixed_precision=mixed)
+                                 zero_stage=candidate.zero_stage, mixed_precision=mixed,
+                                 offload_optimizer=candidate.offload_optimizer,
+                                 offload_param=candidate.offload_param,
+                                 largest_layer_params=largest)
     return model_state_bytes_megatron(num_params, dp_size=layout.data_parallel_size,
                                       use_distributed_optimizer=candidate.use_distributed_optimizer,
                                       mixed_precision=mixed)
@@ -263,9 +313,10 @@ def rank_memory(request: PlanRequest, candidate: Candidate, layout: Layout,
     tensors = states["total"] + acts.stored + acts.working
     return MemoryEstimate(
         pipeline_rank=pipeline_rank, num_params=num_params, params=states["params"],
-        grads=states["grads"], optimizer=states["optimizer"], activations=acts.stored,
-        working=acts.working, allocator=int(tensors * cluster.fragmentation),
-        runtime=cluster.runtime_bytes, host=states["host"])
+        grads=states["grads"], optimizer=states["optimizer"], live=states["live"],
+        activations=acts.stored, working=acts.working,
+        allocator=int(tensors * cluster.fragmentation), runtime=cluster.runtime_bytes,
+        host=states["host"])
 
 
 def peak_memory(request: PlanRequest, candidate: Candidate, layout: Layout) -> MemoryEstimate:
@@ -276,10 +327,6 @@ def peak_memory(request: PlanRequest, candidate: Candidate, layout: Layout) -> M
 
 
 # ---------------------------------------------------------------- time
-
-
-def _ring_fraction(n: int) -> float:
-    return (n - 1) / n
 
 
 def hardware_flops_per_token(model: ModelConfig, padded_vocab_size: int, recompute: str) -> float:
@@ -293,49 +340,16 @@ def hardware_flops_per_token(model: ModelConfig, padded_vocab_size: int, recompu
     return flops_per_token(model, padded_vocab_size) + extra
 
 
-def step_time(request: PlanRequest, candidate: Candidate, layout: Layout,
-              memory: MemoryEstimate) -> TimeEstimate:
-    m, cluster = request.model, request.cluster
-    world, gpn = request.world_size, request.gpus_per_node
-    t, p = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
-    v, d = layout.virtual_pipeline_model_parallel_size or 1, layout.data_parallel_size
-    mbs, micro = layout.micro_batch_size, layout.num_microbatches
-    act_bytes = _dtype_bytes(request.precision)
-    rate = cluster.peak_tflops * 1e12 * cluster.achievable_fraction
-    tokens = request.global_batch_size * m.seq_length
-    compute = hardware_flops_per_token(m, layout.padded_vocab_size, candidate.recompute)
-    compute_s = compute * tokens / world / rate
-    bubble_s = compute_s * (p - 1) / (v * micro)
-
-    def seconds(nbytes: float, inside_node: bool) -> float:
-        gbps = cluster.intra_node_gbps if inside_node else cluster.inter_node_gbps
-        return nbytes / (gbps * 1e9)
-
-    hidden = m.seq_length * mbs * m.hidden_size * act_bytes  # one s·b·h tensor
-    tp_s = 0.0
-    if t > 1:
-        collectives = 4 + (2 if candidate.recompute == "full" else 0)
-        volume = micro * (m.num_layers // p) * collectives * 2 * _ring_fraction(t) * hidden
-        tp_s = seconds(volume, t <= gpn)
-    pp_s = 0.0
-    if p > 1:
-        sp = t if candidate.sequence_parallel else 1
-        pp_s = seconds(micro * v * 2 * hidden / sp, t * d * p <= gpn)
-    dp_s = 0.0
-    if d > 1:
-        psi = memory.num_params
-        frac = _ring_fraction(d)
-        if candidate.zero_stage is None:
-            volume = (frac * psi * (4 + act_bytes) if candidate.use_distributed_optimizer
-                      else 2 * frac * psi * 4)
-        elif candidate.zero_stage == 0:
-            volume = 2 * frac * psi * act_bytes
-        else:
-            gathers = 2 if candidate.zero_stage == 3 else 1
-            volume = frac * psi * act_bytes * (1 + gathers)
-        dp_s = seconds(volume, t * d <= gpn)
-    return TimeEstimate(compute_s=compute_s, bubble_s=bubble_s, tp_comm_s=tp_s, pp_comm_s=pp_s,
-                        dp_comm_s=dp_s, overhead_s=cluster.microbatch_overhead_s * micro * v)
+def step_shape(request: PlanRequest, candidate: Candidate, layout: Layout) -> StepShape:
+    return StepShape(
+        tp=layout.tensor_model_parallel_size, pp=layout.pipeline_model_parallel_size,
+        vpp=layout.virtual_pipeline_model_parallel_size or 1, dp=layout.data_parallel_size,
+        micro_batch_size=layout.micro_batch_size, num_microbatches=layout.num_microbatches,
+        sequence_parallel=candidate.sequence_parallel, recompute=candidate.recompute,
+        activation_bytes=_dtype_bytes(request.precision),
+        padded_vocab_size=layout.padded_vocab_size, gpus_per_node=request.gpus_per_node,
+        optimizer=candidate.optimizer_label().split("+")[0], overlap=candidate.overlap,
+        offload_optimizer=candidate.offload_optimizer, offload_param=candidate.offload_param)
 
 
 # ---------------------------------------------------------------- the plan
@@ -345,13 +359,22 @@ def evaluate(request: PlanRequest, candidate: Candidate) -> PlanEntry:
     """Memory and time of one candidate (ConfigError when the trainer would refuse it)."""
     layout = derive(request, candidate)
     memory = peak_memory(request, candidate, layout)
-    time = step_time(request, candidate, layout, memory)
-    tokens_per_s = request.global_batch_size * request.model.seq_length / time.step_s
-    model_flops = flops_per_token(request.model, layout.padded_vocab_size)
-    mfu = model_flops * tokens_per_s / request.world_size / (request.cluster.peak_tflops * 1e12)
+    time = step_time(request.model, request.cluster, step_shape(request, candidate, layout),
+                     memory.num_params)
+    m, world = request.model, request.world_size
+    tokens_per_s = request.global_batch_size * m.seq_length / time.step_s
+    model_flops = flops_per_token(m, layout.padded_vocab_size)
+    hardware = hardware_flops_per_token(m, layout.padded_vocab_size, candidate.recompute)
+    tflops = model_flops * tokens_per_s / world / 1e12
+    ranks_per_node = min(request.gpus_per_node, world)
     return PlanEntry(candidate=candidate, layout=layout, memory=memory, time=time,
-                     fits=memory.total <= request.cluster.memory_bytes,
-                     tokens_per_s=tokens_per_s, mfu=mfu)
+                     fits=memory.total <= request.cluster.memory_bytes
+                     and memory.host * ranks_per_node <= request.cluster.host_memory_bytes,
+                     tokens_per_s=tokens_per_s, mfu=tflops / request.cluster.peak_tflops,
+                     tflops_per_gpu=tflops,
+                     hardware_tflops_per_gpu=hardware * tokens_per_s / world / 1e12,
+                     host_fits=memory.host * ranks_per_node
+                     <= request.cluster.host_memory_bytes)
 
 
 def check_request(request: PlanRequest) -> None:
@@ -362,6 +385,12 @@ def check_request(request: PlanRequest) -> None:
             raise ConfigError(key, f"must be >= 1, got {value}")
     if request.engine not in ("megatron", "deepspeed"):
         raise ConfigError("--engine", f"must be megatron or deepspeed, got {request.engine!r}")
+    pins = request.pins
+    if request.engine == "deepspeed" and (pins.pp or 1) > 1:
+        raise ConfigError("--pp", "the deepspeed engine has no pipeline parallelism")
+    if request.engine == "megatron" and (pins.zero_stage is not None or pins.offload_optimizer
+                                         or pins.offload_param):
+        raise ConfigError("--zero-stage", "ZeRO stages and offload need --engine deepspeed")
 
 
 def plan(request: PlanRequest) -> PlanResult:
@@ -380,6 +409,23 @@ def plan(request: PlanRequest) -> PlanResult:
     if entries and not result.fitting:
         result.closest = min(entries, key=lambda e: e.memory.total)
     return result
+
+
+def min_nodes(request: PlanRequest, limit: int = 4096) -> int | None:
+    """The fewest nodes (same shape, same global batch, pins kept) on which some layout fits."""
+    from dataclasses import replace
+
+    nodes = request.nodes + 1
+    while nodes <= limit:
+        if plan(replace(request, nodes=nodes)).fitting:
+            # the smallest: step back over the doubling
+            low = max(request.nodes + 1, nodes // 2 + 1)
+            for n in range(low, nodes):
+                if plan(replace(request, nodes=n)).fitting:
+                    return n
+            return nodes
+        nodes *= 2
+    return None
 
 
 def meta_param_count(request: PlanRequest, entry: PlanEntry) -> int:
@@ -407,6 +453,11 @@ def layout_delta(request: PlanRequest, entry: PlanEntry) -> dict:
     }
     if c.zero_stage is not None:
         parallel["zero_stage"] = c.zero_stage
+        parallel["offload_optimizer"] = "cpu" if c.offload_optimizer else "none"
+        parallel["offload_param"] = "cpu" if c.offload_param else "none"
+    if not c.overlap:
+        parallel["overlap_grad_reduce"] = False
+        parallel["overlap_param_gather"] = False
     return {"parallel": parallel, "precision": {"dtype": request.precision},
             "train": {"micro_batch_size": c.micro_batch_size,
                       "global_batch_size": request.global_batch_size}}

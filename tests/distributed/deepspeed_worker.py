@@ -142,7 +142,7 @@ def engine_state_bytes(engine) -> dict[str, int]:
 
 def case_memory(case: dict) -> dict:
     """Peak model-state bytes of this rank during its second step (Adam's moments exist):
-    after every backward and just before the update, the largest."""
+    after every backward, just before the update and as the optimizer steps, the largest."""
     from gptforge.parallel.plan.zero_memory import model_state_bytes
 
     cfg = load_config([TINY], case["overrides"])
@@ -164,6 +164,15 @@ def case_memory(case: dict) -> dict:
         return update(*args, **kwargs)
 
     engine.engine.backward, engine.engine._take_model_step = counted_backward, counted_update
+    # inside the step, when DeepSpeed has built the fp32 gradient partition the update reads
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    inner_step = inner.step
+
+    def counted_inner_step(*args, **kwargs):
+        samples.append(engine_state_bytes(engine))
+        return inner_step(*args, **kwargs)
+
+    inner.step = counted_inner_step
     for step in range(2):
         samples.clear()
         engine.train_step([next(batches) for _ in range(layout.num_microbatches)])

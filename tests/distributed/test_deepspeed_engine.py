@@ -197,7 +197,9 @@ def test_cpu_compat_does_not_change_a_deepspeed_run(memory):
 def test_model_state_memory_per_rank_follows_the_formula(memory, name):
     result = memory[name]
     formula = result["formula"]
-    expected = formula["total"] + formula["host"]  # on CPU, "host" memory is this process's too
+    # on CPU, "host" memory is this process's too; ZeRO-3's gathered layer ("live") exists only
+    # while the layer runs, not at the points sampled
+    expected = formula["total"] - formula["live"] + formula["host"]
     for rank, peak in enumerate(result["peak"]):
         ratio = peak["total"] / expected
         assert abs(ratio - 1) <= 0.15, (f"{name} rank {rank}: measured {peak} vs formula "

@@ -27,8 +27,9 @@ PSI, N = 1_000_000, 8
 
 
 @pytest.mark.parametrize("stage, total", [(0, 16 * PSI), (1, 4 * PSI + 12 * PSI // N),
-                                          (2, 2 * PSI + 14 * PSI // N), (3, 16 * PSI // N)])
-def test_zero_stages_follow_the_paper_in_mixed_precision(stage, total):
+                                          (2, 2 * PSI + 18 * PSI // N), (3, 18 * PSI // N)])
+def test_zero_stages_count_as_deepspeed_in_mixed_precision(stage, total):
+    """The paper's 16 bytes, plus DeepSpeed's fp32 gradient partition (4/N) at stage 2."""
     got = model_state_bytes(PSI, dp_size=N, zero_stage=stage, mixed_precision=True)
     assert got["total"] == total
     assert got["params"] + got["grads"] + got["optimizer"] == total and got["host"] == 0
@@ -40,8 +41,8 @@ def test_zero_fp32_master_copy_only_with_zero_and_offload_moves_terms_to_host():
     assert model_state_bytes(PSI, dp_size=N, zero_stage=2, mixed_precision=False)["total"] == \
         4 * PSI + 4 * PSI // N + 12 * PSI // N
     off = model_state_bytes(PSI, dp_size=N, zero_stage=3, mixed_precision=True,
-                            offload_optimizer=True, offload_param=True)
-    assert off["total"] == 2 * PSI // N and off["host"] == 14 * PSI // N
+                            offload_optimizer=True, offload_param=True, largest_layer_params=1000)
+    assert off["total"] == off["live"] == 4000 and off["host"] == 18 * PSI // N
     with pytest.raises(ValueError, match="offload_param"):
         model_state_bytes(PSI, dp_size=N, zero_stage=2, mixed_precision=True, offload_param=True)
 
@@ -154,14 +155,19 @@ def test_175b_fits_on_128_nodes_of_h100(capsys):
     assert "layouts fit" in out and "best: TP=" in out, out
 
 
-def test_175b_on_one_node_names_the_overflowing_term(capsys):
+def test_175b_on_one_node_names_optimizer_states_and_the_nodes_that_fit(capsys):
     assert main(["plan", "--model", "gpt3-175b", "--nodes", "1", "--gpus-per-node", "8",
                  "--gpu", "h100-80gb"]) == 0
     out = capsys.readouterr().out
     assert "no layout fits" in out, out
-    # the smallest layout (TP x PP = 8) holds 21.8B bf16 parameters (40.7 GiB): the fp32
-    # gradients are the term that takes it past 79.6 GiB
-    assert "gradients (81.4 GiB) overflow the memory" in out, out
+    # the smallest layout (TP x PP = 8) holds 21.8B parameters: 12 bytes each of fp32 master
+    # weights and moments (244 GiB) are the largest of its 406 GiB
+    assert "the largest term is optimizer states (244.2 GiB)" in out, out
+    nodes = int(out.split("the smallest that fits: ")[1].split(" nodes")[0])
+    assert main(["plan", "--model", "gpt3-175b", "--nodes", str(nodes), "--top", "1"]) == 0
+    assert "layouts fit" in capsys.readouterr().out
+    assert main(["plan", "--model", "gpt3-175b", "--nodes", str(nodes - 1), "--top", "1"]) == 0
+    assert "no layout fits" in capsys.readouterr().out
 
 
 def test_plan_errors_name_the_option(capsys):
