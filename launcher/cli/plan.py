@@ -280,13 +280,23 @@ def _days(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days" if seconds >= 86400 else f"{seconds / 3600:.1f} hours"
 
 
+def _run_config(run_dir: str):
+    from gptforge.common.errors import ConfigError
+    from gptforge.launcher.config import load_config
+
+    config = Path(run_dir) / "config.yaml"
+    if not config.is_file():
+        raise ConfigError("--calibrate", f"{run_dir} has no config.yaml (not a run directory)")
+    return load_config([config])
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from gptforge.parallel.plan.calibrate import cluster_yaml, fit, read_run
     from gptforge.parallel.plan.clusters import cluster_shape
     from gptforge.common.durable import Durability, publish, temp_path
 
     cluster = cluster_shape(args.cluster or args.gpu)
-    runs = [read_run(d, cluster, args.gpus_per_node) for d in args.calibrate]
+    runs = [read_run(d, _run_config(d), cluster, args.gpus_per_node) for d in args.calibrate]
     shape, report = fit(runs, cluster)
     for run in report["runs"]:
         print(f"{run['run_dir']}: measured {run['measured_step_s']:.4g} s/step, calibrated "

@@ -45,24 +45,22 @@ def _world_size(record: dict, flops_per_token: float) -> int:
     return max(1, round(world))
 
 
-def read_run(run_dir: str | Path, cluster: ClusterShape, gpus_per_node: int | None):
-    """The run's planner request and candidate, its median step time and peak memory."""
-    from gptforge.launcher.config import load_config
+def read_run(run_dir: str | Path, cfg, cluster: ClusterShape, gpus_per_node: int | None):
+    """The run's planner request and candidate, its median step time and peak memory.
+
+    ``cfg``: the run's config.yaml as loaded (the caller loads it; ``parallel`` does not read
+    configs)."""
     from gptforge.model.flops import flops_per_token
     from gptforge.parallel.layout import padded_vocab_size
     from gptforge.parallel.plan.planner import Candidate, PlanRequest, Pins
 
     run_dir = Path(run_dir)
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        raise ConfigError("--calibrate", f"{run_dir} has no config.yaml (not a run directory)")
     steps = [r for r in step_records(read_records(run_dir))
              if "step_time_s" in r and not r.get("skipped")]
     steady = steps[WARMUP_STEPS:]
     if len(steady) < 3:
         raise ConfigError("--calibrate", f"{run_dir}/metrics.jsonl has {len(steps)} timed steps; "
                                          f"need at least {WARMUP_STEPS + 3} (log_interval 1)")
-    cfg = load_config([config])
     m, p, t = cfg.model, cfg.parallel, cfg.train
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by,
                               p.tensor_model_parallel_size)
