@@ -92,8 +92,11 @@ def model_state_bytes(num_params: int, *, dp_size: int, zero_stage: int, mixed_p
     # sub-group by sub-group (sub_group_size, 1e9 elements), so between none and all of it is
     # fp32 at once; DeepSpeed's stage-3 estimator counts 18Ψ/N in all, i.e. 2Ψ/N here
     fp32_grads = 0
-    if mixed_precision and zero_stage >= 2:
-        fp32_grads = _shard((_FULL if zero_stage == 2 else _HALF) * num_params, dp_size, True)
+    if mixed_precision and zero_stage == 0:  # DeepSpeed's bf16/fp16 optimizer: an fp32 copy
+        fp32_grads = _FULL * num_params      # of the gradients for the step (measured)
+    if zero_stage >= 2:  # in fp32 too: the flattened copy is a new tensor (measured)
+        per_param = _HALF if zero_stage == 3 and mixed_precision else _FULL
+        fp32_grads = _shard(per_param * num_params, dp_size, True)
     terms = {
         "params": _shard(per.params * num_params, dp_size, zero_stage >= 3),
         "grads": grads + fp32_grads,
