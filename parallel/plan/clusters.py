@@ -67,7 +67,10 @@ _A100_GEMM = 0.74
 # assumed: cuBLAS reaches a smaller fraction of the H100's larger peak on large bf16 GEMMs
 # (~700 of 989 TFLOP/s against ~270 of 312 on an A100); the A100 fit scaled by that ratio
 _H100_GEMM = round(_A100_GEMM * (700 / 989) / (270 / 312), 2)
-_FLASH = 0.55  # assumed: FlashAttention-2 forward+backward reaches ~50-70% of peak (Dao 2023)
+# FlashAttention-2 forward + backward, causal, head dim 128 (Dao 2023, "FlashAttention-2",
+# figures 5-7): 187-225 of 312 TFLOP/s on an A100, ~335 of 989 on an H100 (newer kernels reach
+# more on Hopper; taken as 0.4 there, assumed)
+_FLASH_A100, _FLASH_HOPPER = 0.6, 0.4
 _NCCL_NET = 0.86  # measured by NCCL: ~86 of 100 GB/s all-reduce bus bandwidth, 4 HDR NICs, 8 GPUs
 _MEMORY = 0.85  # assumed: streaming kernels reach ~85% of the HBM datasheet bandwidth
 # assumed: megatron's layer issues ~75 kernels forward + backward at ~4 us of host time each
@@ -75,10 +78,10 @@ _GPU_LAUNCH = 300e-6
 
 
 def _gpu(name, *, memory_bytes, peak, gemm, hbm_gbps, nvlink_gbps, nic_gbps, host_memory_bytes,
-         pcie_gbps, host_adam_gbps):
+         pcie_gbps, host_adam_gbps, flash=_FLASH_HOPPER):
     return ClusterShape(
         name=name, device="gpu", memory_bytes=memory_bytes, dtype="bf16", peak_tflops=peak,
-        gemm_efficiency=gemm, attention_efficiency=_FLASH, memory_gbps=hbm_gbps * _MEMORY,
+        gemm_efficiency=gemm, attention_efficiency=flash, memory_gbps=hbm_gbps * _MEMORY,
         nvlink_gbps=nvlink_gbps, gpus_per_node=8, nics_per_node=8, nic_gbps=nic_gbps,
         network_efficiency=_NCCL_NET, host_memory_bytes=host_memory_bytes, pcie_gbps=pcie_gbps,
         host_adam_gbps=host_adam_gbps, runtime_bytes=_GPU_RUNTIME,
@@ -106,11 +109,13 @@ CLUSTERS: dict[str, ClusterShape] = {
     # nccl-tests; 8 x 200 Gb/s HDR; 2 TB host (DDR4, assumed ~200 GB/s); PCIe Gen4 ~25 GB/s
     "a100-80gb": _gpu("a100-80gb", memory_bytes=81920 * MIB, peak=GPU_PEAK_TFLOPS["A100"]["bf16"],
                       gemm=_A100_GEMM, hbm_gbps=2039, nvlink_gbps=230.0, nic_gbps=25.0,
-                      host_memory_bytes=2048 * GIB, pcie_gbps=25.0, host_adam_gbps=200.0),
+                      host_memory_bytes=2048 * GIB, pcie_gbps=25.0, host_adam_gbps=200.0,
+                      flash=_FLASH_A100),
     # DGX A100 320GB: 40960 MiB, 1.56 TB/s, 1 TB host; otherwise as a100-80gb
     "a100-40gb": _gpu("a100-40gb", memory_bytes=40960 * MIB, peak=GPU_PEAK_TFLOPS["A100"]["bf16"],
                       gemm=_A100_GEMM, hbm_gbps=1555, nvlink_gbps=230.0, nic_gbps=25.0,
-                      host_memory_bytes=1024 * GIB, pcie_gbps=25.0, host_adam_gbps=200.0),
+                      host_memory_bytes=1024 * GIB, pcie_gbps=25.0, host_adam_gbps=200.0,
+                      flash=_FLASH_A100),
     "cpu": ClusterShape(
         name="cpu", device="cpu",
         # assumed: a third of the 24 GiB development host per rank (two ranks, room for the OS)
