@@ -26,6 +26,12 @@ class ParallelConfig:
     """Split norms and dropout along the sequence over the TP ranks (needs TP > 1)."""
     use_distributed_optimizer: bool = False
     """Shard the optimizer state over the data-parallel ranks (megatron engine)."""
+    overlap_grad_reduce: bool = True
+    """Reduce gradients over the DP ranks during the backward, bucket by bucket (megatron DDP;
+    DeepSpeed ZeRO's overlap_comm)."""
+    overlap_param_gather: bool = True
+    """All-gather the updated parameters during the next forward, not in the step (megatron
+    engine with use_distributed_optimizer and overlap_grad_reduce; else ignored)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: none, selective (attention core) or full (every layer)."""
     engine: Literal["megatron", "deepspeed"] = "megatron"

@@ -89,8 +89,12 @@ def _zero_section(parallel: ParallelConfig, num_parameters: int) -> dict:
     sizes = bucket_elements(num_parameters)
     zero: dict = {"stage": parallel.zero_stage}
     if parallel.zero_stage >= 1:
+        # overlap_comm: megatron's overlap_grad_reduce (reductions on a side stream during the
+        # backward). DeepSpeed's CPU accelerator has no streams and runs the same collectives
+        # in order (the same result; no concurrency on CPU).
         zero.update(reduce_bucket_size=sizes["bucket"], allgather_bucket_size=sizes["bucket"],
-                    contiguous_gradients=True, overlap_comm=False, round_robin_gradients=False)
+                    contiguous_gradients=True, overlap_comm=parallel.overlap_grad_reduce,
+                    round_robin_gradients=False)
     if parallel.zero_stage == 3:
         zero.update(stage3_prefetch_bucket_size=sizes["bucket"],
                     stage3_param_persistence_threshold=sizes["persistence"],

@@ -44,13 +44,27 @@ def apply_mixed_precision(chunks, tcfg, precision: PrecisionConfig):
     return [Float16Module(tcfg, chunk) for chunk in chunks]
 
 
-def apply_data_parallel(chunks, tcfg, use_distributed_optimizer: bool):
-    """megatron DistributedDataParallel: contiguous fp32 grad buffers, reduce after backward."""
+def apply_data_parallel(chunks, tcfg, parallel: ParallelConfig):
+    """megatron DistributedDataParallel: contiguous fp32 grad buffers.
+
+    ``parallel.overlap_grad_reduce``: each bucket's all-reduce (reduce-scatter with the
+    distributed optimizer) is issued asynchronously by the backward hook of its last gradient
+    and waited for in ``finalize_model_grads``; off: one synchronous reduction after the
+    backward. ``parallel.overlap_param_gather`` (distributed optimizer, with the former, as
+    Megatron-LM requires): the step updates this rank's shard only, and the all-gather of the
+    updated parameters runs from forward pre-hooks in the next forward (a save completes it
+    first: ``checkpoint/save.py: complete_params``). Aligned all-gathers (``param_sync_func``)
+    only with virtual pipeline stages, as in Megatron-LM: only the interleaved schedule issues
+    them.
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    distopt, overlap_grad = parallel.use_distributed_optimizer, parallel.overlap_grad_reduce
+    overlap_param = parallel.overlap_param_gather and distopt and overlap_grad
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
-        use_distributed_optimizer=use_distributed_optimizer, check_for_nan_in_grad=False,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad,
+        overlap_param_gather=overlap_param, align_param_gather=overlap_param and len(chunks) > 1,
+        use_distributed_optimizer=distopt, check_for_nan_in_grad=False,
     )
     return [DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=chunk,
                                     disable_bucketing=i > 0)
@@ -61,6 +75,7 @@ def build_optimizer(chunks, optim: OptimConfig, precision: PrecisionConfig,
                     use_distributed_optimizer: bool):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    ddp_config = chunks[0].ddp_config
     config = OptimizerConfig(
         optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
@@ -70,6 +85,8 @@ def build_optimizer(chunks, optim: OptimConfig, precision: PrecisionConfig,
         min_loss_scale=precision.min_loss_scale, loss_scale_window=precision.loss_scale_window,
         hysteresis=precision.loss_scale_hysteresis,
         use_distributed_optimizer=use_distributed_optimizer,
+        # the DDP's (megatron reads it only for mxfp8 params; the DDP's copy rules the step)
+        overlap_param_gather=ddp_config.overlap_param_gather,
     )
     with cpu_compat.optimizer_context():
         optimizer = get_megatron_optimizer(config, chunks)
@@ -160,16 +177,28 @@ class MegatronEngine:
         tcfg.calculate_per_token_loss = True  # a step's gradient: the token-weighted mean's
         distopt = parallel.use_distributed_optimizer
         self.model_chunks = apply_data_parallel(apply_mixed_precision(chunks, tcfg, precision),
-                                                tcfg, distopt)
+                                                tcfg, parallel)
         self.optimizer = build_optimizer(self.model_chunks, optim, precision, distopt)
         self.scheduler = build_scheduler(self.optimizer, optim, train_iters)
         tcfg.grad_scale_func = self.optimizer.scale_loss
         self.tokens_per_micro_batch = micro_batch_size * seq_length
         tcfg.finalize_model_grads_func = partial(
             _finalize_grads, tokens_per_micro_batch=self.tokens_per_micro_batch)
+        # The schedule's hooks for DDP, wired as Megatron-LM's training.py does: no_sync around
+        # all but the last micro-batch; with overlap_grad_reduce, grad_sync_func starts a chunk's
+        # reduction (align_grad_reduce: the stages of a pipeline start theirs together); with
+        # aligned param gathers, param_sync_func starts a chunk's all-gather.
+        ddp = self.model_chunks[0].ddp_config
+        one = len(self.model_chunks) == 1
         tcfg.no_sync_func = [c.no_sync for c in self.model_chunks]
-        if len(self.model_chunks) == 1:
-            tcfg.no_sync_func = tcfg.no_sync_func[0]
+        tcfg.grad_sync_func = [c.start_grad_sync for c in self.model_chunks] \
+            if ddp.overlap_grad_reduce else None
+        tcfg.param_sync_func = [c.start_param_sync for c in self.model_chunks] \
+            if ddp.overlap_param_gather and ddp.align_param_gather else None
+        if one:
+            for name in ("no_sync_func", "grad_sync_func", "param_sync_func"):
+                if getattr(tcfg, name) is not None:
+                    setattr(tcfg, name, getattr(tcfg, name)[0])
         self._forward_backward = get_forward_backward_func()
         self._param_count = sum(p.numel() for c in chunks for p in c.parameters())
         self._last_save = None  # the SaveHandle of the newest save (async: maybe in flight)

@@ -27,6 +27,19 @@ def _dp_group():
         return None
 
 
+def complete_params(model_chunks) -> None:
+    """Every DP rank's parameters whole before a save reads them (collective over DP).
+
+    With ``parallel.overlap_param_gather`` the distributed optimizer's step updates only this
+    rank's shard, and megatron DDP's forward pre-hooks (``use_forward_hook``) all-gather the rest
+    in the next forward. A save reads the weights outside any forward, so it finishes that
+    all-gather first, as Megatron-LM does before its saves (``disable_forward_pre_hook``).
+    """
+    for chunk in model_chunks:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.start_param_sync(force_sync=True)
+
+
 def _same_directory(directory: Path) -> None:
     """Every rank must name the same directory (else each would write a different half)."""
     names = [None] * dist.get_world_size()
@@ -164,6 +177,7 @@ def save_state(model_chunks, optimizer, scheduler, directory, *, async_save: boo
     _rank0_prepare_dir(directory)
     clock("prepare_dir")
 
+    complete_params(model_chunks)
     chunks = unwrap(model_chunks)
     meta = sharded_metadata(sharding)
     with gc_paused():  # thousands of small objects: a full collection here costs ~0.2 s
