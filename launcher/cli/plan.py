@@ -71,6 +71,9 @@ def build_request(args: argparse.Namespace):
 
     if not args.model and not args.config:
         raise ConfigError("--model", "give --model NAME|MODEL.yaml or --config RUN.yaml")
+    if args.model and args.config:
+        raise ConfigError("--config", f"give --model {args.model} or --config {args.config}, "
+                                      f"not both (--config holds its own model)")
     if args.config:
         cfg = load_config([Path(args.config)], _overrides(args))
         engine, dtype = cfg.parallel.engine, cfg.precision.dtype

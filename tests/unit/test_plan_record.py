@@ -205,6 +205,8 @@ def test_config_is_scored_as_written(tmp_path, capsys):
     assert (layout["tp"], layout["pp"], layout["dp"], layout["micro_batch_size"],
             layout["recompute"]) == (2, 2, 2, 2, "selective")
     assert doc["precision"] == "bf16"
+    assert main(["plan", "--config", str(run), "--model", "gpt3-1.3b"]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 def test_own_cluster_file_and_its_errors(tmp_path, capsys):
