@@ -259,7 +259,8 @@ def emit_config(args: argparse.Namespace, request, entry) -> Path:
     layout["run"] = {"dir": f"runs/{out.stem}"}  # its own run, not the preset's
     for section, values in layout.items():
         delta[section] = {**delta.get(section, {}), **values}
-    head = [f"# gptforge plan --model {args.model or args.config} --nodes {args.nodes} --gpus-per-node "
+    head = [f"# gptforge plan --model {args.model or args.config} --nodes {args.nodes} "
+            f"--gpus-per-node "
             f"{request.gpus_per_node} --gpu {args.cluster or args.gpu} --engine {request.engine}",
             f"# best layout: {_layout_text(entry)}",
             f"# predicted: {_gib(entry.memory.total)} GiB per device, step "

@@ -126,7 +126,8 @@ def fit(runs: list[MeasuredRun], cluster: ClusterShape) -> tuple[ClusterShape, d
         if err < best[0]:
             best = (err, factor, overhead)
     _, factor, overhead = best
-    shape = dataclasses.replace(scaled(cluster, factor, overhead), name=f"{cluster.name}-calibrated")
+    shape = dataclasses.replace(scaled(cluster, factor, overhead),
+                                name=f"{cluster.name}-calibrated")
     report = {"factor": factor, "microbatch_overhead_s": overhead, "overhead_fitted": vary,
               "runs": [{"run_dir": str(r.run_dir), "measured_step_s": r.step_s,
                         "predicted_step_s": predict(r, shape).time.step_s,

@@ -66,7 +66,8 @@ def _ffn_out(model: ModelConfig) -> int:
 
 def _layer_gemms_s(model: ModelConfig, c: ChunkShape, cluster: ClusterShape) -> float:
     """The four GEMMs' forward time of one layer."""
-    h, t, tokens = model.hidden_size, c.tensor_model_parallel_size, model.seq_length * c.micro_batch_size
+    h, t = model.hidden_size, c.tensor_model_parallel_size
+    tokens = model.seq_length * c.micro_batch_size
     gd = num_query_groups(model) * (h // model.num_attention_heads)
     f, b = default_ffn_hidden_size(model), c.activation_bytes
     return (_gemm_s(cluster, tokens, h, (h + 2 * gd) / t, b) + _gemm_s(cluster, tokens, h / t, h, b)

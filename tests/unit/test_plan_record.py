@@ -19,7 +19,6 @@ from gptforge.launcher.cli.main import main
 from gptforge.model.config import ModelConfig
 from gptforge.parallel.plan.clusters import CLUSTERS, load_cluster
 from gptforge.parallel.plan.planner import PlanRequest, Pins, largest_layer_params, plan
-from gptforge.parallel.plan.zero_memory import model_state_bytes
 
 # name, heads, hidden, layers, TP, PP, GPUs, batch, micro-batch, VPP, TFLOP/s per GPU
 # (hardware FLOPs: the paper counts the recompute's extra forward)
@@ -198,7 +197,8 @@ def test_config_is_scored_as_written(tmp_path, capsys):
                    "seq_length: 2048, vocab_size: 50257}\n"
                    "parallel: {tensor_model_parallel_size: 2, pipeline_model_parallel_size: 2, "
                    "sequence_parallel: true, recompute: selective}\n"
-                   "precision: {dtype: bf16}\ntrain: {micro_batch_size: 2, global_batch_size: 64}\n")
+                   "precision: {dtype: bf16}\n"
+                   "train: {micro_batch_size: 2, global_batch_size: 64}\n")
     assert main(["plan", "--config", str(run), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     (layout,) = doc["layouts"]
