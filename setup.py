@@ -34,6 +34,7 @@ setup(
         "numpy",
         "tqdm",
         "transformers",  # Hugging Face import/export and tokenizer folders
+        "torchao==0.18.0",  # int8 weight-only inference (--quantize int8)
         "safetensors",
         "psutil",  # megatron-core's checkpoint writer processes need it (an extra upstream)
         "fastapi",  # gptforge serve (also present through mlflow)

@@ -15,7 +15,20 @@ from megatron.core.transformer.enums import AttnMaskType
 
 
 class SDPAttention(DotProductAttention):
-    """[s, b, heads, head_dim] q/k/v → [s, b, heads*head_dim], causal or with a boolean mask."""
+    """[s, b, heads, head_dim] q/k/v → [s, b, heads*head_dim], causal or with a boolean mask.
+
+    ``window_size`` (sliding-window attention): query i attends to keys i - window_size + 1 .. i
+    only, on every layer but each ``window_size_every_n``-th (layer numbers 1-based over the
+    model). The queries are the last of the keys (prefill, training: as many; decoding with a KV
+    cache: one, which then reads only the window's last keys)."""
+
+    def __init__(self, *args, window_size: int | None = None,
+                 window_size_every_n: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.window_size = None
+        if window_size is not None and (window_size_every_n is None
+                                        or self.layer_number % window_size_every_n != 0):
+            self.window_size = window_size
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -28,6 +41,12 @@ class SDPAttention(DotProductAttention):
         # megatron masks are True where attention is NOT allowed; SDPA's bool mask is the opposite.
         mask = None if attention_mask is None else ~attention_mask
         dropout = self.config.attention_dropout if self.training else 0.0
+        window = self.window_size
+        if window is not None and q.shape[2] == 1 and mask is None and not causal:
+            k, v = k[:, :, -window:], v[:, :, -window:]  # the one query's window
+        elif window is not None and k.shape[2] > window:  # else the window holds every key
+            mask = band_mask(q.shape[2], k.shape[2], window, q.device, mask, causal)
+            causal = False
         if q.shape[2] == 1 and mask is None and not causal and dropout == 0.0:
             return _one_query(q, k, v, self.softmax_scale, self.hidden_size_per_partition)
         context = F.scaled_dot_product_attention(
@@ -37,6 +56,18 @@ class SDPAttention(DotProductAttention):
         # [b, n, s, d] → [s, b, n*d]
         s, b = context.shape[2], context.shape[0]
         return context.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
+
+
+def band_mask(num_queries: int, num_keys: int, window: int, device, mask=None, causal=True):
+    """[q, k] True where query i (the last ``num_queries`` of the keys' positions) may attend to
+    key j: j <= i (when ``causal``) and j > i - window; and-ed with ``mask`` (True: allowed)."""
+    offset = num_keys - num_queries
+    i = torch.arange(num_queries, device=device)[:, None] + offset
+    j = torch.arange(num_keys, device=device)[None, :]
+    allowed = j > i - window
+    if causal:
+        allowed = allowed & (j <= i)
+    return allowed if mask is None else allowed & mask
 
 
 def _one_query(q, k, v, scale: float | None, hidden: int):

@@ -61,6 +61,12 @@ class ModelConfig:
     attention_backend: Literal["auto", "sdpa", "local", "te"] = "auto"
     """Layer implementation: te (Transformer Engine, GPU), sdpa (torch SDPA), local (megatron's
     unfused attention); auto: te where available, else sdpa."""
+    window_size: int | None = None
+    """Sliding-window attention: each token attends to itself and the window_size - 1 tokens
+    before it (null: the whole causal context). sdpa backend (auto picks it)."""
+    window_size_every_n: int | None = None
+    """With window_size: every n-th layer (n, 2n, ...) attends to the whole context, the others
+    to the window (Gemma-style alternation); null: every layer windowed."""
 
 
 def validate_model(model: ModelConfig) -> None:
@@ -84,6 +90,22 @@ def validate_model(model: ModelConfig) -> None:
             raise ConfigError(f"model.{key}", f"must be in [0, 1), got {getattr(model, key)}")
     if model.init_method_std <= 0:
         raise ConfigError("model.init_method_std", f"must be > 0, got {model.init_method_std}")
+    _validate_window(model)
+
+
+def _validate_window(model: ModelConfig) -> None:
+    if model.window_size is None:
+        if model.window_size_every_n is not None:
+            raise ConfigError("model.window_size_every_n", "needs model.window_size")
+        return
+    if model.window_size < 1:
+        raise ConfigError("model.window_size", f"must be >= 1 (or null), got {model.window_size}")
+    if model.window_size_every_n is not None and model.window_size_every_n < 1:
+        raise ConfigError("model.window_size_every_n",
+                          f"must be >= 1 (or null), got {model.window_size_every_n}")
+    if model.attention_backend in ("local", "te"):
+        raise ConfigError("model.window_size", f"needs model.attention_backend sdpa (or auto); "
+                          f"{model.attention_backend!r} attends to the whole context")
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from gptforge.common.patching import TESTED, Patches
+from gptforge.model.quantize import QUANTIZED
 
 MAX_TOKENS = 32
 _ACTIVE = "_gptforge_decode_layout"
@@ -58,8 +59,9 @@ def decode_layout(model: torch.nn.Module) -> Iterator[None]:
         return
     UPSTREAM.check()
     transposed: dict[int, torch.Tensor] = {}
-    patched = [m for m in model.modules()
-               if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    patched = [m for m in model.modules()  # (int8 layers have their own forward)
+               if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
+               and not getattr(m, QUANTIZED, False)]
     for module in patched:
         module._forward_impl = _fast_impl(module._forward_impl, transposed)
     setattr(model, _ACTIVE, True)

@@ -7,18 +7,32 @@ import). The tables and the traps behind them: ``docs/HUGGINGFACE.md``.
 
 from __future__ import annotations
 
+import dataclasses
+
 from gptforge.model.config import ModelConfig, default_ffn_hidden_size, num_query_groups
 from gptforge.common.errors import ConfigError
 
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                 "mistral": "MistralForCausalLM"}  # mistral: a Llama with a sliding window
 # Hugging Face activation names of our GPT-2-shaped activations.
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                      "gelu_fast": None, "gelu": "gelu"}
 
 
 def architecture_of(model: ModelConfig) -> str:
-    """``gpt2`` or ``llama``: the Hugging Face family that expresses this shape, or an error
-    naming the first setting neither does."""
+    """``gpt2``, ``llama`` or ``mistral`` (a Llama whose every layer attends to a sliding window):
+    the Hugging Face family that expresses this shape, or an error naming the first setting none
+    does."""
+    if model.window_size is not None:
+        if model.position_embedding_type != "rope":
+            raise _no_hf("model.window_size", model.window_size, "GPT-2 attends to the whole "
+                         "context; a windowed Llama shape (RoPE) exports as Mistral")
+        _require(model, "mistral", normalization="RMSNorm", activation="swiglu",
+                 add_bias_linear=False)
+        if model.window_size_every_n is not None:
+            raise _no_hf("model.window_size_every_n", model.window_size_every_n,
+                         "Mistral windows every layer")
+        return "mistral"
     if model.position_embedding_type == "learned_absolute":
         _require(model, "gpt2", normalization="LayerNorm", add_bias_linear=True,
                  tie_embeddings=True)
@@ -71,7 +85,8 @@ def to_hf_config(model: ModelConfig, *, vocab_size: int, bos_id: int, eos_id: in
             "rms_norm_eps": model.layernorm_epsilon, "attention_bias": model.add_bias_linear,
             "mlp_bias": model.add_bias_linear, "attention_dropout": model.attention_dropout,
             "rope_theta": float(model.rotary_base),
-            "rope_parameters": {"rope_type": "default", "rope_theta": float(model.rotary_base)}}
+            "rope_parameters": {"rope_type": "default", "rope_theta": float(model.rotary_base)},
+            **({"sliding_window": model.window_size} if arch == "mistral" else {})}
 
 
 def _get(hf: dict, key: str, where: str):
@@ -93,6 +108,8 @@ def from_hf_config(hf: dict, where: str) -> tuple[str, ModelConfig]:
         raise ConfigError(f"{where}: model_type", f"{archs} is not supported (only "
                                f"{', '.join(ARCHITECTURES.values())})")
     model = _gpt2(hf, where) if arch == "gpt2" else _llama(hf, where)
+    if arch == "mistral" and hf.get("sliding_window") is not None:
+        model = dataclasses.replace(model, window_size=int(hf["sliding_window"]))
     return arch, model
 
 

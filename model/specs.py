@@ -32,6 +32,8 @@ def resolve_backend(model: ModelConfig) -> str:
         raise ValueError("model.attention_backend: 'te' needs Transformer Engine and a GPU")
     if model.attention_backend != "auto":
         return model.attention_backend
+    if model.window_size is not None:
+        return "sdpa"  # the sliding window is ours (model/attention.py)
     return "te" if te_available() else "sdpa"
 
 
@@ -48,8 +50,15 @@ def layer_spec(model: ModelConfig):
     if backend == "sdpa":
         from gptforge.model.attention import SDPAttention
 
+        from megatron.core.transformer.spec_utils import ModuleSpec
+
         attn = spec.submodules.self_attention
-        attn_sub = dataclasses.replace(attn.submodules, core_attention=SDPAttention)
+        core = SDPAttention
+        if model.window_size is not None:
+            core = ModuleSpec(module=SDPAttention, params={
+                "window_size": model.window_size,
+                "window_size_every_n": model.window_size_every_n})
+        attn_sub = dataclasses.replace(attn.submodules, core_attention=core)
         spec.submodules.self_attention = dataclasses.replace(attn, submodules=attn_sub)
     return spec
 

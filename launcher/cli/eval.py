@@ -51,6 +51,7 @@ def evaluate_model(loaded, shards: str, *, split: str, eval_iters: int | None,
     from gptforge.data.shardspec import resolve
     from gptforge.launcher.run.build import build_batches
     from gptforge.launcher.run.loop import evaluate
+    from gptforge.launcher.modelio.inference import weights_bytes
     from gptforge.parallel.context import all_gather_objects
 
     src = resolve(shards, split)
@@ -68,7 +69,8 @@ def evaluate_model(loaded, shards: str, *, split: str, eval_iters: int | None,
     loss = next(x for x in all_gather_objects(loaded.ctx, loss) if x is not None)
     return {"checkpoint": str(loaded.path), "data": shards, "split": split, "loss": loss,
             "perplexity": math.exp(min(loss, 700.0)), "tokens": counted.tokens,
-            "eval_iters": iters, "micro_batch_size": micro_batch_size, "seq_length": seq}
+            "eval_iters": iters, "micro_batch_size": micro_batch_size, "seq_length": seq,
+            "quantize": loaded.quantize, "weights_bytes": weights_bytes(loaded)}
 
 
 class _CountTokens:
@@ -97,7 +99,8 @@ def _eval(args) -> int:
         return 0
     print(f"loss {result['loss']:.6f} | perplexity {result['perplexity']:.4f} | "
           f"tokens {result['tokens']} | {result['eval_iters']} iterations of "
-          f"{result['micro_batch_size']} x {result['seq_length']}")
+          f"{result['micro_batch_size']} x {result['seq_length']} | weights "
+          f"{result['weights_bytes'] / 2**20:.1f} MiB ({result['quantize']}, rank 0)")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -30,6 +30,9 @@ def add_layout_args(parser) -> None:
                         help="tensor parallel size of the inference layout")
     parser.add_argument(f"--{PP}", dest="pp", type=positive_int, default=1, metavar="P",
                         help="pipeline parallel size of the inference layout")
+    parser.add_argument("--quantize", choices=("none", "int8"), default="none",
+                        help="int8: weight-only int8 linear layers (torchao; about half the "
+                             "weights' memory, the embedding stays fp32)")
 
 
 def in_launched_rank() -> bool:
@@ -84,15 +87,16 @@ def launch(args, checkpoint: str) -> int | None:
 @contextmanager
 def loaded_model(args, checkpoint: str) -> Iterator:
     """The model at the layout of ``args``, on this rank (or alone), torn down after."""
-    from gptforge.launcher.modelio.inference import layout_delta, load_any, one_process
+    from gptforge.launcher.modelio.inference import layout_delta, load_any, one_process, quantize
     from gptforge.parallel.context import destroy_parallel
 
     delta = layout_delta(args.tp, args.pp)
+    mode = getattr(args, "quantize", "none")
     if not in_launched_rank():
         with one_process():
-            yield load_any(checkpoint, delta=delta)
+            yield quantize(load_any(checkpoint, delta=delta), mode)
         return
     try:
-        yield load_any(checkpoint, delta=delta)
+        yield quantize(load_any(checkpoint, delta=delta), mode)
     finally:
         destroy_parallel()

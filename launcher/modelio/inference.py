@@ -47,6 +47,7 @@ class Loaded:
     path: Path  # the step directory or the Hugging Face folder
     hf: HFModel | None  # set for a Hugging Face folder
     tokenizer: RecordedTokenizer | None = None  # our checkpoint's (its path may be relative)
+    quantize: str = "none"  # int8: weight-only quantized linear layers (``quantize``)
 
     @property
     def model(self):
@@ -171,6 +172,25 @@ def load_hf(path: str | Path, *, delta: dict | None = None) -> Loaded:
     load_gpt_weights(engine.model_chunks[0], to_model_keys(ours, fresh))
     engine.optimizer.reload_model_params()
     return Loaded(cfg, layout, engine, ctx, hf.path, hf)
+
+
+def quantize(loaded: Loaded, mode: str) -> Loaded:
+    """Quantize the loaded model's weights in place (``model/quantize.py``): every chunk."""
+    from gptforge.model.quantize import apply_quantize
+    from gptforge.parallel.weights import unwrapped
+
+    for chunk in loaded.engine.model_chunks:
+        apply_quantize(unwrapped(chunk), mode)
+    loaded.quantize = mode
+    return loaded
+
+
+def weights_bytes(loaded: Loaded) -> int:
+    """Bytes of this rank's weights as stored."""
+    from gptforge.model.quantize import weight_bytes
+    from gptforge.parallel.weights import unwrapped
+
+    return sum(weight_bytes(unwrapped(chunk)) for chunk in loaded.engine.model_chunks)
 
 
 def load_any(path: str | Path, *, delta: dict | None = None) -> Loaded:
