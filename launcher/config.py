@@ -25,6 +25,7 @@ import yaml
 from gptforge.common.errors import ConfigError
 from gptforge.data.config import DataConfig, validate_data
 from gptforge.launcher.run.checkpoint.format import CheckpointConfig, validate_checkpoint
+from gptforge.launcher.run.distill import DistillConfig, validate_distill
 from gptforge.launcher.run.loop import TrainConfig, validate_train
 from gptforge.launcher.run.metrics import LoggingConfig
 from gptforge.launcher.rundir import RunConfig, validate_run
@@ -51,6 +52,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -235,6 +237,7 @@ def validate(cfg: Config, world_size: int) -> Layout:
     validate_engine(cfg.parallel, cfg.precision)
     validate_data(cfg.data)
     validate_sample(cfg.sample, tokenizer_model=cfg.data.tokenizer_model)
+    validate_distill(cfg.distill, cfg.parallel)
     validate_run(cfg.run)
     return layout
 

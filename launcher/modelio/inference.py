@@ -35,6 +35,7 @@ ONE_PROCESS = {
     "precision": {"dtype": "fp32"},
     "sample": {"prompt": ""},
     "logging": {"mlflow": False},
+    "distill": {"teacher": ""},
 }
 
 

@@ -24,6 +24,7 @@ from gptforge.launcher.errors import (EACH_NODE, EVERY_RANK, EXIT_CHECKPOINTED, 
 from gptforge.launcher.overrides import parse_train_args
 from gptforge.launcher.run.build import build_batches, build_engine, build_throughput, check_data
 from gptforge.launcher.run.checkpoint.checkpointer import no_point
+from gptforge.launcher.run.distill import build_distiller
 from gptforge.launcher.rundir import check_run_dir, refuse_previous_run, replace_previous_run
 from gptforge.parallel.layout import Layout
 
@@ -307,6 +308,10 @@ def run(cfg: Config, *, at_point: Callable[[str, int], None] = no_point) -> RunR
         set_seed(cfg.train.seed, ctx.pp_rank)
         log.info(f"building the model ({cfg.parallel.engine} engine)")
         engine = build_engine(cfg, layout, ctx)
+        if cfg.distill.teacher:
+            log.info(f"loading the teacher {cfg.distill.teacher} (distill.alpha "
+                     f"{cfg.distill.alpha}, temperature {cfg.distill.temperature})")
+            engine.distiller = build_distiller(cfg.distill, cfg, layout, ctx)
         batches = build_batches(cfg, layout, ctx, "train")
         ckpt = Checkpointer(cfg.checkpoint, run_record(cfg), run_dir=cfg.run.dir, ctx=ctx,
                             engine=engine, batches=batches, layout=layout, stop=stop,

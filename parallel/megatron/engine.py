@@ -8,6 +8,8 @@ the parallel state), then megatron's optimizer (grad clipping, loss scaling) and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -152,10 +154,41 @@ def _finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce
             chunk.scale_gradients(tokens_per_micro_batch / float(num_tokens))
 
 
-def _forward_step(data_iterator, model, *, tokens_per_micro_batch: int):
+@dataclass
+class Distiller:
+    """Knowledge distillation in the training steps (``model/distill_loss.py``): the teacher's
+    vocabulary-parallel logits for a micro-batch (no gradient), and the loss's mix."""
+
+    teacher: Callable  # (tokens, position_ids) -> [b, s, V/t] logits
+    alpha: float  # weight of the soft (KL) term; 1 - alpha of the cross entropy
+    temperature: float
+
+
+def _distill_output(model, batch: dict, distiller: Distiller):
+    """The per-token distillation loss of one micro-batch (one pipeline stage: the checks)."""
+    from megatron.core import parallel_state as ps
+
+    from gptforge.model.distill_loss import distill_token_loss
+    from gptforge.parallel.weights import unwrapped
+
+    logits = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+    # the cross entropy megatron computes when given labels, on the same logits ([s, b, V/t])
+    logits_sbv = logits.transpose(0, 1).contiguous()  # the layout megatron's loss takes
+    cross_entropy = unwrapped(model).compute_language_model_loss(batch["labels"], logits_sbv)
+    teacher = distiller.teacher(batch["tokens"], batch["position_ids"])
+    return distill_token_loss(logits, teacher, cross_entropy, alpha=distiller.alpha,
+                              temperature=distiller.temperature,
+                              group=ps.get_tensor_model_parallel_group())
+
+
+def _forward_step(data_iterator, model, *, tokens_per_micro_batch: int,
+                  distiller: Distiller | None = None):
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                   labels=batch["labels"])
+    if distiller is not None:
+        output = _distill_output(model, batch, distiller)
+    else:
+        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                       labels=batch["labels"])
     return output, partial(_loss_func, batch["loss_mask"], tokens_per_micro_batch)
 
 
@@ -202,6 +235,7 @@ class MegatronEngine:
         self._forward_backward = get_forward_backward_func()
         self._param_count = sum(p.numel() for c in chunks for p in c.parameters())
         self._last_save = None  # the SaveHandle of the newest save (async: maybe in flight)
+        self.distiller: Distiller | None = None  # set by the trainer for a distill section
 
     def save(self, directory, *, async_save: bool = False):
         """One save in flight at a time: a new one first finishes this engine's previous one."""
@@ -232,7 +266,8 @@ class MegatronEngine:
         iters = [iter(micro_batches) for _ in self.model_chunks]
         losses = self._forward_backward(
             forward_step_func=partial(_forward_step,
-                                      tokens_per_micro_batch=self.tokens_per_micro_batch),
+                                      tokens_per_micro_batch=self.tokens_per_micro_batch,
+                                      distiller=None if forward_only else self.distiller),
             data_iterator=iters if len(iters) > 1 else iters[0],
             model=self.model_chunks if len(self.model_chunks) > 1 else self.model_chunks[0],
             num_microbatches=len(micro_batches), seq_length=self.seq_length,
