@@ -53,13 +53,17 @@ def layer_spec(model: ModelConfig):
         from megatron.core.transformer.spec_utils import ModuleSpec
 
         attn = spec.submodules.self_attention
-        core = SDPAttention
+        core, module, params = SDPAttention, attn.module, attn.params
         if model.window_size is not None:
-            core = ModuleSpec(module=SDPAttention, params={
-                "window_size": model.window_size,
-                "window_size_every_n": model.window_size_every_n})
+            from gptforge.model.window_cache import WindowedSelfAttention
+
+            window = {"window_size": model.window_size,
+                      "window_size_every_n": model.window_size_every_n}
+            core = ModuleSpec(module=SDPAttention, params=window)
+            module, params = WindowedSelfAttention, {**params, **window}  # its KV cache
         attn_sub = dataclasses.replace(attn.submodules, core_attention=core)
-        spec.submodules.self_attention = dataclasses.replace(attn, submodules=attn_sub)
+        spec.submodules.self_attention = dataclasses.replace(attn, module=module, params=params,
+                                                             submodules=attn_sub)
     return spec
 
 

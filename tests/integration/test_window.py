@@ -5,7 +5,7 @@
   window, each windowed layer's attention given an explicit band mask (j <= i, i - j < w), built
   here independently, through SDPA's masked path; with every other layer full, likewise;
 - greedy generation with the KV cache equals recomputation without it, prompts longer than the
-  window (decoding reads only the window's keys);
+  window, and the windowed layers' caches hold the window's positions only (bounded);
 - export: a windowed Llama shape is Mistral (``sliding_window``), with transformers' logits; a
   GPT-2 shape or an alternation is refused naming the setting; bad values are refused.
 """
@@ -19,6 +19,7 @@ from gptforge.launcher.cli.main import main
 from gptforge.launcher.modelio.inference import load_checkpoint, one_process
 from gptforge.model.attention import SDPAttention
 from gptforge.model.generate import generate_batch
+from gptforge.model.window_cache import WindowedSelfAttention
 from tests import hf_models
 from tests.conftest import TINY, train_losses
 
@@ -89,7 +90,11 @@ def test_window_equals_a_band_masked_reference_and_kv_cache_generation(tmp_path,
         prompts = [tokens[0, :20].tolist(), tokens[1, :13].tolist()]  # longer than the window
         kw = {"max_new_tokens": 24, "vocab_size": 256, "context": SEQ}
         cached = generate_batch(loaded.runner, prompts, kv_cache=True, **kw)
+        # the windowed layers' caches hold the window, not the 20 + 24 positions seen
+        held = {a.layer_number: a.cached_positions() for a in model.modules()
+                if isinstance(a, WindowedSelfAttention)}
         recomputed = generate_batch(loaded.runner, prompts, kv_cache=False, **kw)
+    assert held == {n: (WINDOW if n in windowed else 0) for n in (1, 2, 3, 4)}, held
     assert (logits - ref_logits).abs().max().item() <= 1e-5
     assert (loss - ref_loss).abs().max().item() <= 1e-5
     assert (logits - full_logits).abs().max().item() > 1e-3  # the window is in force
