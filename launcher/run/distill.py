@@ -62,6 +62,7 @@ def _teacher_overrides(student) -> dict:
                          "overlap_param_gather": False, "recompute": "none", "zero_stage": 0,
                          "offload_optimizer": "none", "offload_param": "none"},
             "precision": asdict(student.precision), "train": asdict(student.train),
+            "optim": asdict(student.optim),  # (never steps; checked as the student's was)
             "data": asdict(student.data), "sample": {"prompt": ""},
             "logging": {"mlflow": False}, "distill": {"teacher": ""}}
 
