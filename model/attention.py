@@ -25,10 +25,7 @@ class SDPAttention(DotProductAttention):
     def __init__(self, *args, window_size: int | None = None,
                  window_size_every_n: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.window_size = None
-        if window_size is not None and (window_size_every_n is None
-                                        or self.layer_number % window_size_every_n != 0):
-            self.window_size = window_size
+        self.window_size = layer_window(self.layer_number, window_size, window_size_every_n)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -56,6 +53,17 @@ class SDPAttention(DotProductAttention):
         # [b, n, s, d] → [s, b, n*d]
         s, b = context.shape[2], context.shape[0]
         return context.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
+
+
+def layer_window(layer_number: int, window_size: int | None,
+                 window_size_every_n: int | None) -> int | None:
+    """The window of layer ``layer_number`` (1-based over the model): ``window_size`` on every
+    layer but each ``window_size_every_n``-th, which attends to every key (None)."""
+    if window_size is None:
+        return None
+    if window_size_every_n is not None and layer_number % window_size_every_n == 0:
+        return None
+    return window_size
 
 
 def band_mask(num_queries: int, num_keys: int, window: int, device, mask=None, causal=True):

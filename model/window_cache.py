@@ -20,6 +20,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from gptforge.common.patching import TESTED, Patches
+from gptforge.model.attention import layer_window
 
 # Overridden below: a rename upstream would leave the whole cache in place, silently.
 UPSTREAM = Patches("windowed KV cache", "megatron-core", TESTED["megatron-core"])
@@ -35,8 +36,7 @@ class WindowedSelfAttention(SelfAttention):
                  **kwargs):
         super().__init__(*args, **kwargs)
         UPSTREAM.check()
-        every = window_size_every_n
-        self.kv_window = window_size if every is None or self.layer_number % every else None
+        self.kv_window = layer_window(self.layer_number, window_size, window_size_every_n)
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.kv_cache_owner = None  # (a weak reference to) the inference context it belongs to
 
