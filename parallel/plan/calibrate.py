@@ -129,12 +129,15 @@ def fit(runs: list[MeasuredRun], cluster: ClusterShape) -> tuple[ClusterShape, d
     shape = dataclasses.replace(scaled(cluster, factor, overhead),
                                 name=f"{cluster.name}-calibrated")
     report = {"factor": factor, "microbatch_overhead_s": overhead, "overhead_fitted": vary,
-              "runs": [{"run_dir": str(r.run_dir), "measured_step_s": r.step_s,
-                        "predicted_step_s": predict(r, shape).time.step_s,
-                        "measured_peak_memory_bytes": r.peak_memory_bytes,
-                        "predicted_memory_bytes": predict(r, shape).memory.total}
-                       for r in runs]}
+              "runs": [_run_report(r, predict(r, shape)) for r in runs]}
     return shape, report
+
+
+def _run_report(run: MeasuredRun, predicted) -> dict:
+    return {"run_dir": str(run.run_dir), "measured_step_s": run.step_s,
+            "predicted_step_s": predicted.time.step_s,
+            "measured_peak_memory_bytes": run.peak_memory_bytes,
+            "predicted_memory_bytes": predicted.memory.total}
 
 
 def cluster_yaml(shape: ClusterShape, report: dict) -> str:

@@ -367,14 +367,13 @@ def evaluate(request: PlanRequest, candidate: Candidate) -> PlanEntry:
     hardware = hardware_flops_per_token(m, layout.padded_vocab_size, candidate.recompute)
     tflops = model_flops * tokens_per_s / world / 1e12
     ranks_per_node = min(request.gpus_per_node, world)
+    host_fits = memory.host * ranks_per_node <= request.cluster.host_memory_bytes
     return PlanEntry(candidate=candidate, layout=layout, memory=memory, time=time,
-                     fits=memory.total <= request.cluster.memory_bytes
-                     and memory.host * ranks_per_node <= request.cluster.host_memory_bytes,
+                     fits=memory.total <= request.cluster.memory_bytes and host_fits,
                      tokens_per_s=tokens_per_s, mfu=tflops / request.cluster.peak_tflops,
                      tflops_per_gpu=tflops,
                      hardware_tflops_per_gpu=hardware * tokens_per_s / world / 1e12,
-                     host_fits=memory.host * ranks_per_node
-                     <= request.cluster.host_memory_bytes)
+                     host_fits=host_fits)
 
 
 def check_request(request: PlanRequest) -> None:

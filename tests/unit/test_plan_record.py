@@ -105,8 +105,9 @@ def test_zero_2_and_3_model_states_within_10_percent_of_deepspeeds_estimators(si
     request = PlanRequest(model=model, cluster=CLUSTERS["a100-80gb"], nodes=gpus // 8,
                           gpus_per_node=8, global_batch_size=gpus * 4, engine="deepspeed",
                           pins=Pins(tp=1, micro_batch_size=1, recompute="full"))
-    entries = {e.candidate.optimizer_label(): e for e in plan(request).fitting
-               + ([plan(request).closest] if plan(request).closest else [])}
+    result = plan(request)
+    entries = {e.candidate.optimizer_label(): e for e in result.fitting
+               + ([result.closest] if result.closest else [])}
     psi = entries["zero-2"].memory.num_params
     largest = largest_layer_params(model, 1, entries["zero-2"].layout.padded_vocab_size)
     nodes = gpus // 8
