@@ -22,7 +22,7 @@ import torch.distributed as dist
 from gptforge.common.errors import UserError
 from gptforge.common.patching import TESTED, Patches
 
-from gptforge.parallel.megatron import cpu_compat
+from gptforge.parallel.megatron import cpu_compat, startup
 
 
 class CollectiveTimeout(UserError):
@@ -186,6 +186,7 @@ def apply_default_timeout(timeout_minutes: float) -> None:
 
 def init_parallel(cfg_parallel, backend: str | None = None) -> ParallelContext:
     """torch.distributed + megatron model-parallel groups for the ``parallel`` config section."""
+    startup.before_megatron_import()  # (the entry points have; a worker or a library user may not)
     cpu_compat.apply()
     rank, world_size, local_rank, backend = init_distributed(
         backend or cfg_parallel.backend, cfg_parallel.distributed_timeout_minutes)

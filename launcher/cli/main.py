@@ -11,9 +11,9 @@ import importlib
 import os
 import sys
 
-from gptforge.common.log import quiet_fallback_warnings
+from gptforge.parallel.megatron.startup import before_megatron_import
 
-quiet_fallback_warnings()  # megatron-core's Apex/TE fallback notes, before it is imported
+before_megatron_import()  # megatron-core's fallback notes off; on CPU its JIT fuser too
 
 CONFIG_USAGE = "[--config FILE ...] [--section.key=value ...]"
 # Modules that add verbs: each has register(subparsers).

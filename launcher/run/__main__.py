@@ -3,7 +3,8 @@
 What torchrun, srun, the deepspeed launcher and ``gptforge train --nproc-per-node`` start on each
 rank. A stop signal that arrives while the rank still imports torch and megatron is kept, not
 fatal: it is recorded before anything else is imported. megatron-core's notes that Apex and
-Transformer Engine are not installed (one set per rank) are silenced before it is imported.
+Transformer Engine are not installed (one set per rank) are silenced before it is imported, and
+on CPU its JIT fuser is turned off (``parallel/megatron/startup.py``).
 """
 
 import sys
@@ -12,9 +13,9 @@ from gptforge.launcher.signals import record_early
 
 record_early()
 
-from gptforge.common.log import quiet_fallback_warnings  # noqa: E402
+from gptforge.parallel.megatron.startup import before_megatron_import  # noqa: E402
 
-quiet_fallback_warnings()
+before_megatron_import()
 
 from gptforge.launcher.run.entry import main  # noqa: E402 (after record_early, on purpose)
 

@@ -20,10 +20,10 @@ def main() -> int:
         if point == "after_step":
             time.sleep(pause_s)
 
-    from gptforge.common.log import quiet_fallback_warnings
     from gptforge.launcher.run.entry import main as rank_main
+    from gptforge.parallel.megatron.startup import before_megatron_import
 
-    quiet_fallback_warnings()
+    before_megatron_import()
     return rank_main(sys.argv[2:], at_point=at_point)
 
 

@@ -142,3 +142,40 @@ def test_fused_survives_loading_a_checkpoint_saved_unfused(engine, tmp_path, fus
     assert all(g["fused"] for opt in inner for g in opt.param_groups)
     fused_calls.clear()  # the step before the save counted too
     assert not engine.train_step(micro_batches).skipped and fused_calls
+
+
+# ---------------------------------------------------------------- start-up (startup.py)
+_PROBE = """
+import sys
+{prepare}
+import megatron.core.jit as jit
+from megatron.core.fusions import fused_bias_gelu
+compiled = getattr(fused_bias_gelu.bias_gelu, "_torchdynamo_orig_callable", None)
+print(jit.jit_fuser is jit.noop_decorator, callable(compiled),
+      "torch._inductor.compile_fx" in sys.modules)
+"""
+
+
+def _probe(prepare: str) -> str:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _PROBE.format(prepare=prepare)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.split()
+
+
+@pytest.mark.parametrize("prepare", [
+    "from gptforge.parallel.megatron.startup import before_megatron_import\n"
+    "before_megatron_import()",
+    "import gptforge.launcher.cli.main",  # the CLI's import does it
+])
+def test_megatron_imported_after_the_start_up_step_has_no_jit_fuser_on_cpu(prepare):
+    # megatron's decorated fusions are plain functions; torch.compile's inductor is never loaded
+    assert _probe(prepare) == ["True", "False", "False"]
+
+
+def test_megatron_imported_as_it_is_compiles_its_fusions():
+    # the control: what the start-up step saves each process (bench/bench_startup.py)
+    assert _probe("") == ["False", "True", "True"]

@@ -21,7 +21,7 @@ from tests.conftest import TINY
 def _registries():
     from gptforge.model import decode_linears, window_cache
     from gptforge.parallel.deepspeed import compat
-    from gptforge.parallel.megatron import cpu_compat, engine, fixes
+    from gptforge.parallel.megatron import cpu_compat, engine, fixes, startup
     from gptforge.parallel.megatron.checkpoint import safe_read
 
     compat.import_deepspeed()
@@ -29,7 +29,8 @@ def _registries():
             "CPU layer (torch)": cpu_compat.TORCH_PATCHES, "DeepSpeed compat": compat.PATCHES,
             "safe reading (megatron)": safe_read.UPSTREAM,
             "safe reading (torch)": safe_read.DCP_READER, "decode layout": decode_linears.UPSTREAM,
-            "engine step": engine.STEP_BODIES, "windowed KV cache": window_cache.UPSTREAM}
+            "engine step": engine.STEP_BODIES, "windowed KV cache": window_cache.UPSTREAM,
+            "start-up": startup.UPSTREAM}
 
 
 def test_every_patch_target_exists_and_every_copied_body_is_unchanged():
