@@ -1,6 +1,8 @@
 """A process's start: megatron-core's imports with and without the start-up step
-(``parallel/megatron/startup.py``: on CPU, megatron's JIT fuser off before it is imported), and
-a whole one-rank training run of 3 steps (``python -m gptforge.launcher.run``) with and without.
+(``parallel/megatron/startup.py``: on CPU, megatron's JIT fuser off before it is imported),
+DeepSpeed's import as it is and as ``parallel/deepspeed/compat.py`` does it (without its
+autotuner's mlflow), and a whole one-rank training run of 3 steps (``python -m
+gptforge.launcher.run``) with and without the start-up step.
 
 Each row is a fresh interpreter, the two variants alternating, best and median of ``--repeats``;
 both rows are measured side by side in one run.
@@ -46,6 +48,10 @@ def main() -> None:
     variants = {"megatron-core imports, as it is": py + ["import torch\n" + IMPORTS],
                 "megatron-core imports, start-up step first": py + [
                     "import torch\n" + STARTUP + IMPORTS]}
+    variants["deepspeed import, as it is"] = py + ["import torch, deepspeed"]
+    variants["deepspeed import, compat.import_deepspeed"] = py + [
+        "import torch\nfrom gptforge.parallel.deepspeed import compat\n"
+        "compat.import_deepspeed()"]
     with tempfile.TemporaryDirectory() as tmp:
         rank = ["-m", "gptforge.launcher.run", "--config", str(ROOT / "configs" / "tiny.yaml"),
                 "--train.train_iters=3", "--checkpoint.enabled=false", "--run.overwrite=true",
@@ -66,9 +72,9 @@ def main() -> None:
     for name, values in times.items():
         _row(name, values)
     names = list(times)
-    for base, fast in ((names[0], names[1]), (names[2], names[3])):
+    for base, fast in zip(names[::2], names[1::2]):
         saved = statistics.median(times[base]) - statistics.median(times[fast])
-        print(f"saved by the start-up step ({fast.split(',')[0]}): {saved:.2f} s per process")
+        print(f"saved ({fast.split(',')[0]}): {saved:.2f} s per process, median")
 
 
 if __name__ == "__main__":

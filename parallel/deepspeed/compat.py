@@ -5,6 +5,10 @@
   chosen up front instead of being guessed with a warning.
 - DeepSpeed's shared-memory all-reduce op is C++ compiled at ``init_distributed`` (50-85 s and
   ~2 GB of RAM on a fresh machine); only its inference all-reduce uses it, so it is not built.
+- DeepSpeed's autotuner (gptforge does not run it) imports mlflow, and with it pandas, when
+  ``deepspeed`` is imported: 0.9 s of every rank's start. ``deepspeed`` is imported with mlflow
+  unimportable (the autotuner records ``has_mlflow = False``); mlflow imports as usual afterwards,
+  where a run logs to it.
 - DeepSpeed's INFO logging (config dumps at every initialize) and torch's deprecation warnings
   for the collectives DeepSpeed calls are off unless ``GPTFORGE_DEBUG`` is set.
 
@@ -16,8 +20,10 @@ DeepSpeed run is bitwise the same with and without that layer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import warnings
 
 import torch
@@ -36,11 +42,26 @@ PATCHES = Patches("DeepSpeed compat", "deepspeed", TESTED["deepspeed"])
 PATCHES.add("no shm op", "deepspeed.comm.torch:build_shm_op", _no_shm_op)
 
 
+@contextlib.contextmanager
+def _unimportable(name: str):
+    """``import name`` raises ImportError inside (unless it is imported already)."""
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = None
+    try:
+        yield
+    finally:
+        if sys.modules.get(name, 0) is None:
+            del sys.modules[name]
+
+
 def import_deepspeed():
     """``import deepspeed`` configured as described above; idempotent."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    with _unimportable("mlflow") if "deepspeed" not in sys.modules else contextlib.nullcontext():
+        import deepspeed
 
     PATCHES.install()
     if not debug_enabled():

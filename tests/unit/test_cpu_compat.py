@@ -156,14 +156,14 @@ print(jit.jit_fuser is jit.noop_decorator, callable(compiled),
 """
 
 
-def _probe(prepare: str) -> str:
+def _probe(prepare: str, probe: str = _PROBE) -> str:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _PROBE.format(prepare=prepare)],
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", probe.format(prepare=prepare)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout.split()
+    return out.stdout.splitlines()[-1].split()  # (the last line: DeepSpeed prints too)
 
 
 @pytest.mark.parametrize("prepare", [
@@ -179,3 +179,20 @@ def test_megatron_imported_after_the_start_up_step_has_no_jit_fuser_on_cpu(prepa
 def test_megatron_imported_as_it_is_compiles_its_fusions():
     # the control: what the start-up step saves each process (bench/bench_startup.py)
     assert _probe("") == ["False", "True", "True"]
+
+
+_DEEPSPEED_PROBE = """
+import sys
+{prepare}
+import deepspeed.autotuning.autotuner as autotuner
+loaded = "mlflow" in sys.modules
+import mlflow
+print(loaded, autotuner.has_mlflow, mlflow.MlflowClient.__name__)
+"""
+
+
+def test_deepspeed_is_imported_without_its_autotuners_mlflow_which_imports_after():
+    # parallel/deepspeed/compat.py: 0.9 s of each DeepSpeed rank's start (bench_startup.py)
+    prepare = "from gptforge.parallel.deepspeed import compat; compat.import_deepspeed()"
+    assert _probe(prepare, _DEEPSPEED_PROBE) == ["False", "False", "MlflowClient"]
+    assert _probe("import deepspeed", _DEEPSPEED_PROBE) == ["True", "True", "MlflowClient"]
