@@ -66,7 +66,8 @@ def free_port() -> int:
 
 def start_agent(name: str, args: list[str], port: int, logs: Path, *,
                 is_host: bool = False) -> subprocess.Popen:
-    """One "node": a torchrun agent with one rank, as the README's elastic example runs it.
+    """One "node": a torchrun agent with one rank, as the README's elastic example runs it,
+    paced by ``logs/pace`` (seconds after each step; PACE_S until the test writes 0).
     ``is_host``: its agent holds the rendezvous store (every agent here is on the endpoint's
     host: left to guess, the first to bind would, and it may be one the test kills)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
@@ -76,9 +77,15 @@ def start_agent(name: str, args: list[str], port: int, logs: Path, *,
            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "elastic-test",
            "--rdzv-conf", f"{RDZV_CONF},is_host={str(is_host).lower()}",
            "--max-restarts", "5", "--monitor-interval", "0.5",
-           "-m", "tests.integration.paced_rank", str(PACE_S), *args]
+           "-m", "tests.integration.paced_rank", str(logs / "pace"), *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(logs / f"{name}.log", "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def set_pace(logs: Path, seconds: float) -> None:
+    """The ranks' pause after each step from now on (replaced whole: a rank never reads half)."""
+    (logs / "pace.new").write_text(str(seconds))
+    os.replace(logs / "pace.new", logs / "pace")
 
 
 def wait_for(what: str, check, agents, logs: Path, timeout_s: float = 240):
@@ -157,6 +164,7 @@ def test_a_node_lost_one_back_and_one_hung_the_run_goes_on_as_the_same_training(
     shards, docs = corpus
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
+    set_pace(logs, PACE_S)
     args = train_args(shards, run_dir, "--logging.mlflow=true",
                       f"--parallel.distributed_timeout_minutes={TIMEOUT_MIN}")
     port = free_port()
@@ -176,6 +184,7 @@ def test_a_node_lost_one_back_and_one_hung_the_run_goes_on_as_the_same_training(
     kill_tree(c.pid, signal.SIGSTOP)  # that node hangs (a stuck filesystem, a debugger)
     *_, hung = wait_for("a resize to DP=1 again", lambda: resized(run_dir, 3), agents, logs)
     s3 = hung["step"]
+    set_pace(logs, 0)  # nothing more to do at a chosen step: the rest unpaced
     assert a.wait(timeout=300) == 0, (logs / "a.log").read_text()[-3000:]
     kill_tree(c.pid)
     a_log = (logs / "a.log").read_text()
