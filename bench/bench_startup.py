@@ -2,7 +2,8 @@
 (``parallel/megatron/startup.py``: on CPU, megatron's JIT fuser off before it is imported),
 DeepSpeed's import as it is and as ``parallel/deepspeed/compat.py`` does it (without its
 autotuner's mlflow), and a whole one-rank training run of 3 steps (``python -m
-gptforge.launcher.run``) with and without the start-up step.
+gptforge.launcher.run``) as it was and as it is now: with the start-up step and without the
+interpreter's last garbage-collection passes at exit (``common/shutdown.py``).
 
 Each row is a fresh interpreter, the two variants alternating, best and median of ``--repeats``;
 both rows are measured side by side in one run.
@@ -57,12 +58,14 @@ def main() -> None:
                 "--train.train_iters=3", "--checkpoint.enabled=false", "--run.overwrite=true",
                 "--run.dir", f"{tmp}/run"]
         # the same rank with megatron imported first, as it is (the start-up step then finds it
-        # imported and does nothing)
+        # imported and does nothing), and the interpreter's own end (no handler registered)
         as_is = ("import sys, runpy, torch, megatron.core\n"
+                 "import gptforge.common.shutdown as shutdown\n"
+                 "shutdown._REGISTERED = True\n"
                  f"sys.argv = ['gptforge.launcher.run'] + {rank[2:]!r}\n"
                  "runpy.run_module('gptforge.launcher.run', run_name='__main__')")
         variants["one-rank run of 3 tiny steps, as it is"] = py + [as_is]
-        variants["one-rank run of 3 tiny steps, start-up step"] = [
+        variants["one-rank run of 3 tiny steps, start-up and exit steps"] = [
             sys.executable, "-W", "ignore", *rank]
         times = {name: [] for name in variants}
         for _ in range(args.repeats):

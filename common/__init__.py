@@ -1,4 +1,5 @@
 """gptforge.common
 
-What every part may import: the user-error base, durable writes, metrics.jsonl, logging.
+What every part may import: the user-error base, durable writes, metrics.jsonl, logging, the
+process's end (shutdown).
 """

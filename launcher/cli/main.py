@@ -11,8 +11,10 @@ import importlib
 import os
 import sys
 
+from gptforge.common.shutdown import collect_nothing_at_exit
 from gptforge.parallel.megatron.startup import before_megatron_import
 
+collect_nothing_at_exit()  # first: its atexit handler runs last
 before_megatron_import()  # megatron-core's fallback notes off; on CPU its JIT fuser too
 
 CONFIG_USAGE = "[--config FILE ...] [--section.key=value ...]"

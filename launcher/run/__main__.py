@@ -4,7 +4,8 @@ What torchrun, srun, the deepspeed launcher and ``gptforge train --nproc-per-nod
 rank. A stop signal that arrives while the rank still imports torch and megatron is kept, not
 fatal: it is recorded before anything else is imported. megatron-core's notes that Apex and
 Transformer Engine are not installed (one set per rank) are silenced before it is imported, and
-on CPU its JIT fuser is turned off (``parallel/megatron/startup.py``).
+on CPU its JIT fuser is turned off (``parallel/megatron/startup.py``); the interpreter's last
+garbage-collection passes are skipped at exit (``common/shutdown.py``).
 """
 
 import sys
@@ -12,6 +13,10 @@ import sys
 from gptforge.launcher.signals import record_early
 
 record_early()
+
+from gptforge.common.shutdown import collect_nothing_at_exit  # noqa: E402
+
+collect_nothing_at_exit()
 
 from gptforge.parallel.megatron.startup import before_megatron_import  # noqa: E402
 

@@ -16,6 +16,9 @@ from gptforge.launcher.signals import record_early
 
 def main() -> int:
     record_early()
+    from gptforge.common.shutdown import collect_nothing_at_exit
+
+    collect_nothing_at_exit()
     pace_file = Path(sys.argv[1])
 
     def at_point(point: str, step: int) -> None:
