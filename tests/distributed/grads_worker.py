@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from gptforge.common.shutdown import collect_nothing_at_exit
 from gptforge.launcher.config import load_config, validate
 from gptforge.launcher.run.build import build_batches, build_engine
 from gptforge.parallel.context import destroy_model_parallel, destroy_parallel, init_parallel
@@ -32,6 +33,7 @@ def grads_for(recompute: str) -> dict[str, torch.Tensor]:
 
 
 if __name__ == "__main__":
+    collect_nothing_at_exit()  # as a rank ends (common/shutdown.py)
     try:
         torch.save({mode: grads_for(mode) for mode in ("none", "full", "selective")}, sys.argv[1])
     finally:

@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from gptforge.common.shutdown import collect_nothing_at_exit
 from gptforge.launcher.run.checkpoint import format as ck
 from gptforge.launcher.config import config_from_dict, merge_dicts, validate
 from gptforge.launcher.run.build import build_engine
@@ -39,4 +40,5 @@ def main(checkpoint: str, tokens_file: str, out_file: str) -> None:
 
 
 if __name__ == "__main__":
+    collect_nothing_at_exit()  # as a rank ends (common/shutdown.py)
     main(*sys.argv[1:4])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from gptforge.common.shutdown import collect_nothing_at_exit
 from gptforge.launcher.config import load_config
 from gptforge.launcher.run.entry import run
 from gptforge.parallel.context import destroy_parallel
@@ -36,5 +37,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    collect_nothing_at_exit()  # as a rank ends (common/shutdown.py)
     torch.set_num_threads(1)
     main()

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from gptforge.common.shutdown import collect_nothing_at_exit
 from gptforge.launcher.config import load_config, validate
 from gptforge.launcher.run.build import build_batches, build_engine
 from gptforge.parallel.deepspeed import config as ds_config
@@ -146,5 +147,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    collect_nothing_at_exit()  # as a rank ends (common/shutdown.py)
     torch.set_num_threads(1)
     main()
