@@ -3,8 +3,9 @@
 megatron-core's fallback notes (Apex, Transformer Engine absent) are silenced, and where CUDA is
 absent its JIT fuser is turned off. ``megatron.core.jit`` binds ``jit_fuser = torch.compile``;
 some 40 functions of its fusion, activation and MoE modules are decorated with it as those
-modules are imported, and the first decoration imports torch._dynamo and inductor: 1.3 s of
-every process's start on CPU (megatron-core's imports 2.1 s → 0.8 s; ``bench/bench_startup.py``).
+modules are imported, and the first decoration imports torch._dynamo and inductor: 1.5 s of
+every process's start on CPU (torch + megatron-core's imports 3.8 s → 2.3 s, median of 5 in
+``bench/bench_startup.py``).
 No such function runs in a gptforge model: every megatron fusion is off (``model/config.py``).
 megatron's own ``disable_jit_fuser()`` makes later decorations plain functions; it is called the
 moment ``megatron.core.jit`` has run, before any decorated module imports its ``jit_fuser``.
